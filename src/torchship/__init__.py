@@ -1,0 +1,17 @@
+"""torchship: take a trained PyTorch model to a monitored production service."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from torchship.errors import TorchshipError
+from torchship.store import CheckpointManager, InputSpec, Manifest, ModelStore
+
+__all__ = [
+    "CheckpointManager",
+    "InputSpec",
+    "Manifest",
+    "ModelStore",
+    "TorchshipError",
+    "__version__",
+]

@@ -1,0 +1,5 @@
+"""Training checkpoints (placeholder until written)."""
+
+
+class CheckpointManager:
+    pass
