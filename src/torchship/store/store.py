@@ -93,6 +93,8 @@ class ModelStore:
     def resolve(self, name: str, version: str | None = None) -> str:
         """Turn ``None``/``"latest"``/an alias/a version into an existing version."""
         validate_name(name)
+        if version is not None and version != "latest":
+            validate_name(version, "version or alias")
         versions = self.versions(name)
         if not versions:
             raise ModelNotFoundError(
@@ -101,7 +103,6 @@ class ModelStore:
             )
         if version is None or version == "latest":
             return versions[-1]
-        validate_name(version, "version or alias")
         if version in versions:
             return version
         aliases = self.aliases(name)
