@@ -1,0 +1,5 @@
+import sys
+
+from torchship.cli import main
+
+sys.exit(main())
