@@ -47,3 +47,12 @@ def train_demo(
         export_torchscript(store, manifest.ref, method="trace")
         manifest = export_onnx(store, manifest.ref)
     return manifest
+
+
+def ensure_default_model(store: ModelStore | str, name: str = "digits") -> Manifest:
+    """The latest ``name`` in the store, training the demo model first if there is none."""
+    store = store if isinstance(store, ModelStore) else ModelStore(store)
+    if not store.versions(name):
+        log.warning("no %r model in %s yet: training it (a few seconds)", name, store.root)
+        return train_demo(store, name)
+    return store.latest(name)

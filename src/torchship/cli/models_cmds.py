@@ -6,18 +6,18 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from rich.console import Console
 from rich.table import Table
 
 from torchship.errors import InvalidInputError
-from torchship.settings import load_settings
+from torchship.settings import Settings, load_settings
 from torchship.store import ModelStore, parse_ref
 
 console = Console(highlight=False)
 
-SubParsers = argparse._SubParsersAction  # type: ignore[type-arg]
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _store(args: argparse.Namespace) -> ModelStore:
@@ -268,7 +268,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from torchship.preprocessing import preprocess_image, validate_tensor
     from torchship.runtime import load_predictor
 
-    settings = load_settings(store=args.store)
+    settings: Settings = load_settings(store=args.store)
     predictor = load_predictor(
         settings.store,
         args.model,
@@ -303,6 +303,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path, res in zip(args.files, results, strict=False):
         best = res[0]
         others = ", ".join(f"{r['label']} {r['probability']:.2f}" for r in res[1:])
-        table.add_row(str(path), best["label"], f"{best['probability']:.3f}", others)
+        table.add_row(str(path), str(best["label"]), f"{best['probability']:.3f}", others)
     console.print(table)
     return 0

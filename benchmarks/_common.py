@@ -1,0 +1,133 @@
+"""Timing helpers shared by the benchmark scripts: interleaved runs, percentiles, tables.
+
+Interleaving matters on a shared machine: running A for 10 s and then B for 10 s lets a
+burst of background load land on one of them only. Here every round runs each
+contender once, in a rotating order, so noise is spread over all of them alike.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+# Wide enough for the tables when output is piped (rich would assume 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) with linear interpolation, like ``numpy.percentile``."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Summary of one contender's samples, in milliseconds per call."""
+
+    samples_ms: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.samples_ms)
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.samples_ms, 50)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.samples_ms, 99)
+
+    def items_per_s(self, batch_size: int) -> float:
+        return batch_size * 1e3 / self.p50 if self.p50 > 0 else math.nan
+
+
+def interleaved(
+    contenders: Mapping[str, Callable[[], object]],
+    *,
+    budget_s: float,
+    min_rounds: int = 5,
+    max_rounds: int = 10_000,
+    warmup: int = 2,
+) -> dict[str, Stats]:
+    """Time each callable round-robin until ``budget_s`` is spent (at least ``min_rounds``).
+
+    Each round starts with a different contender so none always runs right after the
+    same neighbour (cache and frequency effects).
+    """
+    names = list(contenders)
+    for name in names:
+        for _ in range(warmup):
+            contenders[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    deadline = time.monotonic() + budget_s
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.monotonic() < deadline):
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            contenders[name]()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+        rounds += 1
+    return {name: Stats(tuple(values)) for name, values in samples.items()}
+
+
+def ratio(value: float, baseline: float) -> str:
+    """``value / baseline`` as ``1.23x``; '-' when either is missing."""
+    if not (baseline > 0 and value > 0) or math.isnan(value) or math.isnan(baseline):
+        return "-"
+    return f"{value / baseline:.2f}x"
+
+
+def print_table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    caption: str | None = None,
+) -> None:
+    table = Table(title=title, caption=caption, caption_justify="left")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i < 3 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def machine_summary() -> str:
+    import torch
+
+    try:
+        import onnxruntime
+
+        ort = f", onnxruntime {onnxruntime.__version__}"
+    except ImportError:
+        ort = ""
+    try:
+        load = f", load average {os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):  # not available on this platform
+        load = ""
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs{load}, "
+        f"python {platform.python_version()}, torch {torch.__version__}{ort}"
+    )
+
+
+def cpu_count() -> int:
+    """Cores this process may use (respects taskset/cgroup affinity where visible)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,69 @@
+"""``runtime="auto"``: time each verified runtime on this machine and keep the fastest.
+
+Which runtime wins depends on the model, the batch size, the CPU and the thread count,
+so it is measured rather than guessed: a few interleaved rounds (round-robin, so a
+noisy moment hits every candidate alike) on the stored examples at a typical batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+
+from torchship.runtime.base import Predictor, Selection
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZE = 8
+BUDGET_S = 0.3
+MIN_ROUNDS = 3
+MAX_ROUNDS = 50
+
+
+def measure(
+    predictors: Sequence[Predictor],
+    batch: torch.Tensor,
+    *,
+    budget_s: float = BUDGET_S,
+    min_rounds: int = MIN_ROUNDS,
+    max_rounds: int = MAX_ROUNDS,
+) -> dict[str, float]:
+    """Median milliseconds per ``predict(batch)`` for each predictor, interleaved.
+
+    Runs one untimed call each, then rounds until ``budget_s`` is spent (at least
+    ``min_rounds``, so a slow model takes longer than the budget, never fewer samples).
+    """
+    for p in predictors:
+        p.predict(batch)
+    samples: dict[str, list[float]] = {p.runtime: [] for p in predictors}
+    deadline = time.monotonic() + budget_s
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.monotonic() < deadline):
+        for p in predictors:
+            start = time.perf_counter()
+            p.predict(batch)
+            samples[p.runtime].append((time.perf_counter() - start) * 1e3)
+        rounds += 1
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def pick_fastest(
+    predictors: Sequence[Predictor], batch: torch.Tensor | None, *, budget_s: float = BUDGET_S
+) -> tuple[Predictor, Selection]:
+    """Measure ``predictors`` on ``batch`` and return the fastest with the evidence."""
+    if len(predictors) == 1 or batch is None:
+        chosen = predictors[0]
+        if batch is None:
+            logger.info(
+                "runtime auto: no examples or input spec to time with; using %s", chosen.runtime
+            )
+        return chosen, Selection(chosen.runtime, {}, 0)
+    timings = measure(predictors, batch, budget_s=budget_s)
+    chosen = min(predictors, key=lambda p: timings[p.runtime])
+    selection = Selection(chosen.runtime, timings, len(batch))
+    logger.info("%s", selection)
+    return chosen, selection
