@@ -161,3 +161,16 @@ class ModelNotReadyError(ServiceUnavailableError):
 class RequestTimeoutError(TorchshipError):
     status_code = 504
     code = "timeout"
+
+
+# --- HTTP-level ------------------------------------------------------------------
+
+
+class RouteNotFoundError(TorchshipError):
+    status_code = 404
+    code = "not_found"
+
+
+class MethodNotAllowedError(TorchshipError):
+    status_code = 405
+    code = "method_not_allowed"

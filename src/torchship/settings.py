@@ -42,7 +42,11 @@ class Settings(BaseSettings):
 
 
 def load_settings(
-    config_file: str | Path | None = None, /, *, cls: type[S] = Settings, **overrides: Any  # type: ignore[assignment]
+    config_file: str | Path | None = None,
+    /,
+    *,
+    cls: type[S] = Settings,  # type: ignore[assignment]
+    **overrides: Any,
 ) -> S:
     """Build settings from a YAML file, the environment and explicit overrides.
 

@@ -1,0 +1,270 @@
+"""Flask front end (WSGI; gunicorn in production): the same routes over the same core."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from torchship import __version__
+from torchship.errors import (
+    InvalidInputError,
+    MethodNotAllowedError,
+    PayloadTooLargeError,
+    RouteNotFoundError,
+    TorchshipError,
+)
+from torchship.serving import payloads, protocols
+from torchship.serving.http import dumps, error_response
+from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
+from torchship.serving.payloads import IMAGE_FIELDS, Payload
+from torchship.serving.service import InferenceService
+from torchship.serving.settings import ServeSettings
+
+log = logging.getLogger("torchship.serving")
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(body), status=status, headers=headers, mimetype="application/json")
+
+
+def create_app(
+    settings: ServeSettings | None = None,
+    *,
+    service: InferenceService | None = None,
+    load_in_background: bool = True,
+) -> Flask:
+    """Build the Flask app over ``service``; models start loading right away."""
+    service = service or InferenceService(settings)
+    settings = service.settings
+    app = Flask("torchship")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["torchship"] = service
+    if load_in_background:
+        threading.Thread(target=_start_logged, args=(service,), daemon=True).start()
+    else:
+        service.start()
+
+    @app.errorhandler(Exception)
+    def _errors(exc: Exception) -> Response:
+        if isinstance(exc, RequestEntityTooLarge):
+            exc = PayloadTooLargeError(
+                f"The request body exceeds the limit of {settings.max_body_bytes} bytes.",
+                hint="Send a smaller file, or raise max_body_bytes (TORCHSHIP_MAX_BODY_BYTES).",
+            )
+        elif isinstance(exc, HTTPException) and not isinstance(exc, TorchshipError):
+            if exc.code == 404:
+                exc = RouteNotFoundError(f"No route {request.method} {request.path}.")
+            elif exc.code == 405:
+                exc = MethodNotAllowedError(f"{request.method} is not allowed on {request.path}.")
+            else:
+                mapped = InvalidInputError(exc.description or exc.name)
+                mapped.status_code = exc.code or 400
+                exc = mapped
+        status, body, headers = error_response(exc)
+        return _json(body, status, headers)
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.start = time.monotonic()
+        service.metrics.in_flight.inc()
+
+    @app.teardown_request
+    def _done(exc: BaseException | None) -> None:
+        service.metrics.in_flight.dec()
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule else "unmatched"
+        service.metrics.observe_request(
+            rule,
+            g.get("model", ""),
+            g.get("version", ""),
+            response.status_code,
+            time.monotonic() - g.get("start", time.monotonic()),
+        )
+        return response
+
+    # --- torchship API -----------------------------------------------------------
+
+    @app.get("/")
+    def index() -> Response:
+        ready, _ = service.readiness()
+        return _json(
+            {
+                "name": "torchship",
+                "version": __version__,
+                "ready": ready,
+                "models": service.model_names(),
+            }
+        )
+
+    @app.post("/predict")
+    def predict() -> Response:
+        payload, top_k = _read_payload()
+        result = service.predict(
+            payload,
+            model=request.args.get("model"),
+            version=request.args.get("version"),
+            top_k=_int_arg("top_k") or top_k,
+        )
+        g.model, g.version = result.model, result.version
+        return _json(result.to_dict())
+
+    @app.get("/models")
+    def models() -> Response:
+        return _json({"models": [m.info() for m in service.models()]})
+
+    @app.get("/health/live")
+    def live() -> Response:
+        return _json({"status": "alive"})
+
+    @app.get("/health/ready")
+    def ready() -> Response:
+        ok, details = service.readiness()
+        return _json(details, 200 if ok else 503, {} if ok else {"Retry-After": "1"})
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(service.metrics.render(), content_type=PROMETHEUS_CONTENT_TYPE)
+
+    # --- TorchServe inference API ---------------------------------------------------
+
+    @app.get("/ping")
+    def ping() -> Response:
+        ok, _ = service.readiness()
+        return _json({"status": "Healthy" if ok else "Unhealthy"}, 200 if ok else 503)
+
+    @app.post("/predictions/<name>")
+    @app.post("/predictions/<name>/<version>")
+    def predictions(name: str, version: str | None = None) -> Response:
+        payload, top_k = _read_payload()
+        result = service.predict(payload, model=name, version=version, top_k=top_k)
+        g.model, g.version = result.model, result.version
+        return _json(protocols.torchserve_body(result))
+
+    # --- Open Inference Protocol (V2) -------------------------------------------------
+
+    @app.get("/v2")
+    def v2_server() -> Response:
+        return _json(protocols.v2_server_metadata())
+
+    @app.get("/v2/health/live")
+    def v2_live() -> Response:
+        return _json({"live": True})
+
+    @app.get("/v2/health/ready")
+    def v2_ready() -> Response:
+        ok, _ = service.readiness()
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    @app.get("/v2/models/<name>")
+    @app.get("/v2/models/<name>/versions/<version>")
+    def v2_model(name: str, version: str | None = None) -> Response:
+        return _json(protocols.v2_model_metadata(service, service.get(name, version)))
+
+    @app.get("/v2/models/<name>/ready")
+    @app.get("/v2/models/<name>/versions/<version>/ready")
+    def v2_model_ready(name: str, version: str | None = None) -> Response:
+        loaded = service.get(name, version)
+        return _json({"name": loaded.name, "ready": loaded.ready})
+
+    @app.post("/v2/models/<name>/infer")
+    @app.post("/v2/models/<name>/versions/<version>/infer")
+    def v2_infer(name: str, version: str | None = None) -> Response:
+        loaded = service.get(name, version)
+        g.model, g.version = loaded.name, loaded.version
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        v2_request, batch = protocols.v2_decode(loaded, request.get_data(cache=False), headers)
+        outputs = service.infer_tensor(loaded, batch)
+        content, out_headers = protocols.v2_encode(loaded, v2_request, outputs)
+        return Response(content, headers=out_headers)
+
+    return app
+
+
+def _start_logged(service: InferenceService) -> None:
+    try:
+        service.start()
+    except Exception:
+        log.exception("loading the models failed; the server stays not-ready")
+
+
+def _int_arg(name: str) -> int | None:
+    value = request.args.get(name)
+    if value is None:
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        raise InvalidInputError(f"{name} must be an integer.") from None
+    if k < 1:
+        raise InvalidInputError(f"{name} must be at least 1.")
+    return k
+
+
+def _read_payload() -> tuple[Payload, int | None]:
+    """Multipart (image/file field), JSON, or a raw image / .npy body."""
+    kind = payloads.media_type(request.content_type)
+    if kind == "multipart/form-data":
+        files = request.files
+        for field in (*IMAGE_FIELDS, *files.keys()):
+            upload = files.get(field)
+            if upload is not None:
+                top_k = request.form.get("top_k")
+                return payloads.ImagePayload(upload.read()), int(top_k) if top_k else None
+        raise InvalidInputError(
+            "The multipart body has no file.",
+            hint="Send the image as the 'image' or 'file' field, e.g. curl -F \"image=@sample.jpg\".",
+        )
+    body = request.get_data(cache=False)
+    if kind == "application/json" or kind.endswith("+json"):
+        try:
+            obj = json.loads(body) if body else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidInputError(f"The body is not valid JSON: {exc}") from exc
+        if obj is None:
+            raise InvalidInputError("The JSON body is empty.")
+        top_k = obj.get("top_k") if isinstance(obj, dict) else None
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise InvalidInputError("top_k must be a positive integer.")
+        return payloads.from_json(obj), top_k
+    return payloads.from_bytes(body, kind), None
+
+
+def app_from_env() -> Flask:
+    """Factory for gunicorn worker processes: settings come from ``TORCHSHIP_*``."""
+    from torchship.settings import load_settings
+
+    return create_app(load_settings(cls=ServeSettings))
+
+
+def serve_gunicorn(settings: ServeSettings, workers: int) -> None:
+    """Flask in production: gunicorn, ``workers`` processes with a few HTTP threads each."""
+    import os
+
+    from gunicorn.app.base import BaseApplication
+
+    from torchship.serving.runner import settings_to_env
+
+    os.environ.update(settings_to_env(settings))
+
+    class _App(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{settings.host}:{settings.port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", 8)
+            self.cfg.set("graceful_timeout", int(settings.graceful_timeout_s))
+            self.cfg.set("timeout", max(60, int(settings.timeout_s * 2)))
+            self.cfg.set("loglevel", "warning")
+
+        def load(self) -> Flask:
+            return app_from_env()
+
+    _App().run()

@@ -1,0 +1,82 @@
+"""Handlers: turn one request's payload into model input, and outputs into answers.
+
+The hooks mirror TorchServe's handler contract (``initialize``/``preprocess``/
+``inference``/``postprocess``) so the same class can back a ``.mar`` archive:
+
+* ``setup(predictor, settings)`` once per loaded model;
+* ``preprocess(payload) -> Tensor (n, *input shape)`` per request, in the request's
+  thread (so decoding runs in parallel across requests);
+* ``inference(batch) -> Tensor`` per *dynamic batch* on the batcher's thread;
+* ``postprocess(outputs, top_k) -> list[dict]`` per request, one dict per item.
+
+Subclass :class:`ClassifierHandler` or :class:`TensorHandler` and override what differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from torchship.errors import InvalidInputError
+from torchship.postprocess import top_k as _top_k
+from torchship.preprocessing import preprocess_image, validate_tensor
+from torchship.runtime import Predictor
+from torchship.serving.payloads import ImagePayload, Payload, TensorPayload
+
+
+class Handler:
+    """Base handler: tensors in, raw outputs out."""
+
+    predictor: Predictor
+    max_image_pixels: int = 4096 * 4096
+
+    def setup(self, predictor: Predictor, *, max_image_pixels: int | None = None) -> None:
+        self.predictor = predictor
+        if max_image_pixels is not None:
+            self.max_image_pixels = max_image_pixels
+
+    def preprocess(self, payload: Payload) -> torch.Tensor:
+        spec = self.predictor.input_spec
+        if isinstance(payload, TensorPayload):
+            if spec is None:
+                return torch.as_tensor(payload.array, dtype=torch.float32)
+            return validate_tensor(payload.array, spec)
+        if isinstance(payload, ImagePayload):
+            if spec is None or spec.kind != "image":
+                raise InvalidInputError(
+                    f"{self.predictor.manifest.ref} takes tensors, not images.",
+                    hint="Send JSON {'inputs': [...]} or an .npy body.",
+                )
+            return preprocess_image(payload.data, spec, max_pixels=self.max_image_pixels)[None]
+        raise InvalidInputError(f"Unsupported payload {type(payload).__name__}.")
+
+    def inference(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.predictor.predict(batch)
+
+    def postprocess(self, outputs: torch.Tensor, *, top_k: int) -> list[dict[str, Any]]:
+        return [{"output": row.tolist()} for row in outputs]
+
+
+class ClassifierHandler(Handler):
+    """Classification: top-k labels with softmax probabilities."""
+
+    def postprocess(self, outputs: torch.Tensor, *, top_k: int) -> list[dict[str, Any]]:
+        ranked = _top_k(outputs, self.predictor.labels, top_k)
+        return [
+            {
+                "label": r[0]["label"],
+                "index": r[0]["index"],
+                "probability": r[0]["probability"],
+                "top_k": r,
+            }
+            for r in ranked
+        ]
+
+
+class TensorHandler(Handler):
+    """Raw outputs as nested lists (regression, embeddings, ...)."""
+
+
+def default_handler(predictor: Predictor) -> Handler:
+    return ClassifierHandler() if predictor.labels else TensorHandler()

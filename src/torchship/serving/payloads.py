@@ -1,0 +1,104 @@
+"""What a request carries once the HTTP layer is peeled off: framework-free parsing."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from torchship.errors import InvalidInputError, UnsupportedMediaTypeError
+
+NPY_MAGIC = b"\x93NUMPY"
+IMAGE_FIELDS = ("image", "file", "data")
+
+
+@dataclass(frozen=True)
+class ImagePayload:
+    """One encoded image (any format Pillow reads)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TensorPayload:
+    """One item or a batch of items as an array (JSON nested lists or ``.npy``)."""
+
+    array: np.ndarray
+
+
+Payload = ImagePayload | TensorPayload
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def from_bytes(body: bytes, content_type: str | None) -> Payload:
+    """A raw request body: an image, or a ``.npy`` array."""
+    kind = media_type(content_type)
+    if not body:
+        raise InvalidInputError("The request body is empty.", hint="Send an image or a tensor.")
+    if body.startswith(NPY_MAGIC) or kind in ("application/x-npy", "application/npy"):
+        return TensorPayload(load_npy(body))
+    if kind.startswith("image/") or kind in ("application/octet-stream", ""):
+        return ImagePayload(body)
+    raise UnsupportedMediaTypeError(
+        f"Unsupported content type {kind!r}.",
+        hint="Send multipart/form-data with an 'image' or 'file' field, application/json, "
+        "an image/* body or application/x-npy.",
+    )
+
+
+def load_npy(body: bytes) -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except ValueError as exc:
+        raise InvalidInputError(
+            f"Not a valid .npy array (object arrays are refused): {exc}"
+        ) from exc
+    except Exception as exc:
+        raise InvalidInputError(f"Cannot read the .npy body: {exc}") from exc
+    if not isinstance(array, np.ndarray):
+        raise InvalidInputError("The .npy body does not hold one array.")
+    return array
+
+
+def from_json(obj: Any) -> Payload:
+    """``{"inputs": [...]}`` (also ``instances``/``data``) or ``{"image": "<base64>"}``."""
+    if isinstance(obj, list):
+        return TensorPayload(to_array(obj))
+    if not isinstance(obj, dict):
+        raise InvalidInputError('The JSON body must be an object, e.g. {"inputs": [[...]]}.')
+    for key in ("image", "image_base64", "b64"):
+        if key in obj:
+            value = obj[key]
+            if not isinstance(value, str):
+                raise InvalidInputError(f"'{key}' must be a base64 string.")
+            if value.startswith("data:") and "," in value:  # data URLs from a browser canvas
+                value = value.split(",", 1)[1]
+            try:
+                return ImagePayload(base64.b64decode(value, validate=True))
+            except (binascii.Error, ValueError) as exc:
+                raise InvalidInputError(f"'{key}' is not valid base64: {exc}") from exc
+    for key in ("inputs", "instances", "data"):
+        if key in obj:
+            return TensorPayload(to_array(obj[key]))
+    raise InvalidInputError(
+        "The JSON body needs 'inputs' (nested arrays) or 'image' (base64).",
+        hint='e.g. {"inputs": [[[0.0, ...]]]} shaped like the model input.',
+    )
+
+
+def to_array(value: Any) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInputError(
+            "'inputs' must be a (nested) list of numbers with a regular shape.",
+            hint=f"numpy said: {exc}",
+        ) from exc
+    return array

@@ -1,0 +1,110 @@
+"""Wire protocols over the core, shared by the FastAPI and Flask adapters.
+
+* torchship's own ``/predict`` (see :mod:`torchship.serving.payloads`);
+* the Open Inference Protocol (KServe V2 / Triton) with the binary tensor extension;
+* TorchServe's inference API shape (``/predictions/{name}``, ``/ping``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchship import __version__
+from torchship.errors import InvalidInputError
+from torchship.preprocessing import preprocess_batch
+from torchship.serving import v2
+from torchship.serving.service import InferenceService, LoadedModel, Prediction
+
+V2_EXTENSIONS = ["binary_tensor_data"]
+PLATFORMS = {
+    "eager": "pytorch",
+    "torchscript": "pytorch_libtorch",
+    "onnxruntime": "onnxruntime_onnx",
+}
+
+
+# --- TorchServe -------------------------------------------------------------------
+
+
+def torchserve_body(prediction: Prediction) -> Any:
+    """TorchServe's image classifier answer: ``{label: probability}`` for the top k."""
+    bodies = []
+    for item in prediction.predictions:
+        if "top_k" in item:
+            bodies.append({r["label"]: r["probability"] for r in item["top_k"]})
+        else:
+            bodies.append(item)
+    return bodies[0] if len(bodies) == 1 else bodies
+
+
+# --- Open Inference Protocol (V2) -----------------------------------------------------
+
+
+def v2_server_metadata() -> dict[str, Any]:
+    return v2.server_metadata("torchship", __version__, V2_EXTENSIONS)
+
+
+def v2_model_metadata(service: InferenceService, loaded: LoadedModel) -> dict[str, Any]:
+    spec = loaded.predictor.input_spec
+    shape = [-1, *spec.shape] if spec else [-1]
+    outputs = loaded.predictor.manifest.output_names
+    n_out = [-1, len(loaded.predictor.labels)] if loaded.predictor.labels else [-1]
+    return v2.model_metadata(
+        loaded.name,
+        service.versions(loaded.name),
+        PLATFORMS.get(loaded.predictor.runtime, "pytorch"),
+        [("input", "FP32", shape)],
+        [(name, "FP32", n_out) for name in outputs[:1]],
+    )
+
+
+def v2_decode(
+    loaded: LoadedModel, body: bytes, headers: dict[str, str]
+) -> tuple[v2.V2Request, torch.Tensor]:
+    """Parse a V2 infer request into the request and one model-input batch.
+
+    The single input is either numeric, shaped ``[N, *input shape]`` (or one item), or
+    ``BYTES`` holding encoded images, which go through the model's preprocessing.
+    """
+    header_length = headers.get("inference-header-content-length")
+    try:
+        length = int(header_length) if header_length is not None else None
+    except ValueError:
+        raise InvalidInputError("Inference-Header-Content-Length must be an integer.") from None
+    request = v2.parse_infer_request(
+        body, header_length=length, content_encoding=headers.get("content-encoding")
+    )
+    if len(request.inputs) != 1:
+        raise InvalidInputError(
+            f"{loaded.name} takes exactly one input tensor, got {len(request.inputs)}.",
+            hint="Send one input named 'input'.",
+        )
+    tensor = request.inputs[0]
+    spec = loaded.predictor.input_spec
+    if tensor.datatype == "BYTES":
+        if spec is None or spec.kind != "image":
+            raise InvalidInputError(f"{loaded.name} takes numbers, not BYTES.")
+        items = [bytes(x) for x in np.asarray(tensor.data, dtype=object).reshape(-1)]
+        return request, preprocess_batch(items, spec)
+    array = np.asarray(tensor.data)
+    if spec is not None:
+        from torchship.preprocessing import validate_tensor
+
+        return request, validate_tensor(array, spec)
+    return request, torch.as_tensor(array, dtype=torch.float32)
+
+
+def v2_encode(
+    loaded: LoadedModel, request: v2.V2Request, outputs: torch.Tensor
+) -> tuple[bytes, dict[str, str]]:
+    array = outputs.detach().cpu().numpy()
+    name = loaded.predictor.manifest.output_names[0]
+    tensor = v2.V2Tensor(
+        name=name, datatype=v2.v2_datatype(array.dtype), shape=list(array.shape), data=array
+    )
+    return v2.encode_infer_response(
+        model_name=loaded.name, model_version=loaded.version, request=request, outputs=[tensor]
+    )

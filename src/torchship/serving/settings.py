@@ -1,0 +1,56 @@
+"""Settings of a serving process (``torchship serve``, ``TORCHSHIP_*``, ``configs/*.yaml``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from torchship.settings import Settings
+
+
+class ServeSettings(Settings):
+    """Everything ``torchship serve`` can be told; CLI flags map onto these fields."""
+
+    models: list[str] = Field(
+        default_factory=lambda: ["digits"],
+        description="Models to serve as NAME[:VERSION|ALIAS]; the first is the default.",
+    )
+    framework: Literal["fastapi", "flask"] = Field("fastapi", description="HTTP front end.")
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int | Literal["auto"] = Field(
+        1, description="Worker processes, each with its own model; 'auto' = one per core."
+    )
+    max_batch_size: int | Literal["auto"] = Field(
+        "auto", description="Largest batch; 'auto' measures throughput at warm-up and caps it."
+    )
+    max_delay_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill up.")
+    max_queue_size: int = Field(256, ge=1, description="Queued requests before 503.")
+    timeout_s: float = Field(30.0, gt=0, description="Per-request limit on queue + inference.")
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Larger bodies get 413.")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Decoded size limit (decompression bombs get 413)."
+    )
+    top_k: int = Field(5, ge=1, description="Classes returned per prediction by default.")
+    warmup: bool = Field(True, description="Warm up (and size batches) before ready.")
+    graceful_timeout_s: float = Field(30.0, gt=0, description="SIGTERM drain limit.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return max(1, os.cpu_count() or 1)
+        return max(1, self.workers)
+
+    def threads_per_worker(self) -> int:
+        """Intra-op threads per worker: cores shared out so processes never oversubscribe."""
+        if self.threads is not None:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // self.worker_count())

@@ -1,0 +1,195 @@
+"""The framework-free core and both adapters in-process (test clients)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from serving_utils import SAMPLE
+
+from torchship.errors import ModelNotReadyError, QueueFullError
+from torchship.serving import (
+    ClassifierHandler,
+    ImagePayload,
+    InferenceService,
+    ServeSettings,
+    TensorPayload,
+    fastapi_app,
+    flask_app,
+)
+from torchship.store import ModelStore
+from torchship.zoo import digits
+
+
+@pytest.fixture(scope="module")
+def core_store(
+    tmp_path_factory: pytest.TempPathFactory,
+    quick_mlp: torch.nn.Module,
+    digits_data: digits.DigitsData,
+) -> Path:
+    root = tmp_path_factory.mktemp("core") / "models"
+    ModelStore(root).save(
+        quick_mlp,
+        "digits",
+        input_spec=digits.input_spec(),
+        labels=digits.LABELS,
+        examples=digits_data.x_test[:16],
+    )
+    return root
+
+
+def _settings(store: Path, **kw: object) -> ServeSettings:
+    base: dict[str, object] = {
+        "store": store,
+        "models": ["digits"],
+        "runtime": "eager",
+        "max_batch_size": 4,
+    }
+    return ServeSettings(**(base | kw))  # type: ignore[arg-type]
+
+
+class GatedHandler(ClassifierHandler):
+    """Inference waits for a gate: lets a test fill the queue deterministically."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def inference(self, batch: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
+        assert self.gate.wait(10)
+        return super().inference(batch)
+
+
+@pytest.fixture
+def gated(core_store: Path) -> Iterator[tuple[InferenceService, GatedHandler]]:
+    service = InferenceService(
+        _settings(core_store, max_queue_size=1, max_batch_size=1, timeout_s=5)
+    )
+    handler = GatedHandler()
+    service.load("digits", handler=handler)
+    service._started = True
+    yield service, handler
+    handler.gate.set()
+    service.stop()
+
+
+def test_core_predict_image_and_tensor(core_store: Path, digits_data: digits.DigitsData) -> None:
+    service = InferenceService(_settings(core_store)).start()
+    try:
+        image = service.predict(ImagePayload(SAMPLE.read_bytes()), top_k=3)
+        assert (
+            image.model == "digits"
+            and image.version == "1"
+            and len(image.predictions[0]["top_k"]) == 3
+        )
+        tensors = service.predict(TensorPayload(digits_data.x_test[:3].numpy()))
+        assert len(tensors.predictions) == 3
+        assert service.readiness()[0]
+    finally:
+        service.stop()
+    assert not service.readiness()[0], "a draining/stopped service is not ready"
+
+
+def test_never_ready_with_zero_models(core_store: Path) -> None:
+    service = InferenceService(_settings(core_store, models=[])).start()
+    assert service.readiness()[0] is False
+    with pytest.raises(ModelNotReadyError):
+        service.predict(TensorPayload(torch.zeros(1, 8, 8).numpy()))
+
+
+def test_queue_full_is_503_with_retry_after(gated: tuple[InferenceService, GatedHandler]) -> None:
+    service, handler = gated
+    x = TensorPayload(torch.zeros(1, 1, 8, 8).numpy())
+    results: list[object] = []
+    first = threading.Thread(target=lambda: results.append(service.predict(x)))
+    first.start()
+    assert handler.entered.wait(5)  # first request is inside inference
+    second = threading.Thread(target=lambda: results.append(service.predict(x)))
+    second.start()
+    loaded = service.get("digits")
+    while loaded.batcher.queue_depth < 1:  # the second request is queued (bounded spin)
+        threading.Event().wait(0.001)
+    with pytest.raises(QueueFullError) as err:
+        service.predict(x)
+    assert err.value.retry_after >= 1
+    client = TestClient(fastapi_app.create_app(service=service))  # no lifespan: service is ours
+    r = client.post("/predict", json={"inputs": [[[0.0] * 8] * 8]})
+    assert r.status_code == 503 and r.headers["Retry-After"].isdigit()
+    assert r.json()["code"] == "queue_full"
+    fl = flask_app.create_app(service=service, load_in_background=False).test_client()
+    r = fl.post("/predict", json={"inputs": [[[0.0] * 8] * 8]})
+    assert r.status_code == 503 and r.headers["Retry-After"].isdigit()
+    handler.gate.set()
+    first.join(5)
+    second.join(5)
+    assert len(results) == 2
+
+
+def test_timeout_is_504(core_store: Path) -> None:
+    service = InferenceService(_settings(core_store, timeout_s=0.2, max_batch_size=1))
+    handler = GatedHandler()
+    service.load("digits", handler=handler)
+    service._started = True
+    try:
+        client = TestClient(fastapi_app.create_app(service=service))  # no lifespan
+        r = client.post("/predict", json={"inputs": [[[0.0] * 8] * 8]})
+        assert r.status_code == 504 and r.json()["code"] == "timeout"
+        handler.gate.set()
+        assert service.predict(TensorPayload(torch.zeros(1, 8, 8).numpy())).predictions
+    finally:
+        handler.gate.set()
+        service.stop()
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "flask"])
+def test_not_ready_while_loading_then_ready(core_store: Path, framework: str) -> None:
+    service = InferenceService(_settings(core_store))
+    gate = threading.Event()
+    original = service.start
+
+    def slow_start() -> InferenceService:
+        gate.wait(10)
+        return original()
+
+    service.start = slow_start  # type: ignore[method-assign]
+    if framework == "fastapi":
+        ctx = TestClient(fastapi_app.create_app(service=service))
+        client = ctx.__enter__()
+    else:
+        client = flask_app.create_app(service=service).test_client()
+    try:
+        r = client.get("/health/ready")
+        assert r.status_code == 503
+        r = client.post("/predict", json={"inputs": [[[0.0] * 8] * 8]})
+        assert r.status_code == 503 and "Retry-After" in r.headers
+        assert client.get("/health/live").status_code == 200
+        gate.set()
+        for _ in range(2000):
+            if client.get("/health/ready").status_code == 200:
+                break
+            threading.Event().wait(0.005)
+        assert client.get("/health/ready").status_code == 200
+        assert client.post("/predict", json={"inputs": [[[0.0] * 8] * 8]}).status_code == 200
+    finally:
+        if framework == "fastapi":
+            ctx.__exit__(None, None, None)
+        else:
+            service.stop()
+
+
+def test_openapi_docs_have_examples(core_store: Path) -> None:
+    app = fastapi_app.create_app(_settings(core_store), load_in_background=False)
+    with TestClient(app) as client:
+        schema = client.get("/openapi.json").json()
+        body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]
+        assert {"multipart/form-data", "application/json", "image/png"} <= set(body)
+        assert body["application/json"]["examples"]["tensor"]["value"]["inputs"]
+        assert "/v2/models/{name}/infer" in schema["paths"]
+        assert client.get("/docs").status_code == 200
+        example = body["application/json"]["examples"]["tensor"]["value"]
+        assert client.post("/predict", json=example).status_code == 200
