@@ -14,6 +14,7 @@ under gunicorn: torchship serve --framework flask --workers auto.)
 """
 
 import io
+import os
 from pathlib import Path
 
 from torchship.demo import ensure_default_model
@@ -21,18 +22,20 @@ from torchship.serving import ServeSettings
 from torchship.serving.flask_app import create_app
 from torchship.tutorial import say, section
 
-HOST, PORT = "127.0.0.1", 5000
-sample = Path("data/sample.jpg")
+HOST = "127.0.0.1"
+PORT = int(os.environ.get("TORCHSHIP_PORT", 5000))  # the module uses 5000
+STORE = os.environ.get("TORCHSHIP_STORE", "models")
+sample = Path("sample.jpg")  # a link to data/sample.jpg, so the module's curl works as written
 
 section("1. The model")
-manifest = ensure_default_model("models", "digits")
+manifest = ensure_default_model(STORE, "digits")
 say(
     f"serving {manifest.ref}: {manifest.description} test accuracy "
     f"{manifest.metrics['test_accuracy']:.2%}"
 )
 
 section("2. The app: routes translate HTTP to InferenceService calls")
-settings = ServeSettings(models=["digits"], port=PORT, max_body_bytes=2 * 1024 * 1024)
+settings = ServeSettings(store=STORE, models=["digits"], port=PORT, max_body_bytes=2 * 1024 * 1024)
 app = create_app(settings, load_in_background=False)
 client = app.test_client()
 resp = client.post("/predict", data={"image": (io.BytesIO(sample.read_bytes()), "sample.jpg")})
@@ -45,7 +48,7 @@ section("3. Bad requests get clear 4xx JSON errors, and the server keeps serving
 cases = {
     "not an image": dict(data={"image": (io.BytesIO(b"hello"), "x.jpg")}),
     "truncated JPEG": dict(data={"image": (io.BytesIO(sample.read_bytes()[:300]), "x.jpg")}),
-    "no file field": dict(data={"name": "x"}),
+    "form without a file": dict(data={"name": "x"}),
     "wrong tensor shape": dict(json={"inputs": [[1.0, 2.0]]}),
     "NaN in tensor": dict(json={"inputs": [[[float("nan")] * 8] * 8]}),
     "wrong content type": dict(data=b"a,b", content_type="text/csv"),
@@ -62,4 +65,10 @@ say(f"still serving: GET /health/ready -> {client.get('/health/ready').status_co
 section(f"4. Serving on http://localhost:{PORT} — press Ctrl-C to stop")
 say(f'  curl -X POST http://localhost:{PORT}/predict -F "image=@{sample}"')
 say(f"  curl http://localhost:{PORT}/models      curl http://localhost:{PORT}/metrics")
-app.run(host=HOST, port=PORT, threaded=True)
+try:
+    app.run(host=HOST, port=PORT, threaded=True)
+except KeyboardInterrupt:
+    pass
+finally:
+    app.extensions["torchship"].stop()  # drain the batchers
+    say("stopped.")

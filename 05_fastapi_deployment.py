@@ -14,24 +14,27 @@ Then:  curl -X POST http://localhost:8000/predict -F "file=@data/sample.jpg"
 """
 
 import asyncio
+import os
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from torchship.demo import ensure_default_model
 from torchship.serving import ServeSettings
 from torchship.serving.fastapi_app import create_app
+from torchship.serving.runner import run_fastapi
 from torchship.tutorial import say, section
 
-HOST, PORT = "127.0.0.1", 8000
-sample = Path("data/sample.jpg")
+HOST = "127.0.0.1"
+PORT = int(os.environ.get("TORCHSHIP_PORT", 8000))  # the module uses 8000
+STORE = os.environ.get("TORCHSHIP_STORE", "models")
+sample = Path("sample.jpg")  # a link to data/sample.jpg, so the module's curl works as written
 
 section("1. The model")
-manifest = ensure_default_model("models", "digits")
+manifest = ensure_default_model(STORE, "digits")
 say(f"serving {manifest.ref}, test accuracy {manifest.metrics['test_accuracy']:.2%}")
 
-settings = ServeSettings(models=["digits"], port=PORT, max_delay_ms=5)
+settings = ServeSettings(store=STORE, models=["digits"], port=PORT, max_delay_ms=5)
 app = create_app(settings, load_in_background=False)
 
 
@@ -80,4 +83,5 @@ async def tour() -> None:
 asyncio.run(tour())
 section(f"4. Serving on http://localhost:{PORT} (docs at /docs) — press Ctrl-C to stop")
 say(f'  curl -X POST http://localhost:{PORT}/predict -F "file=@{sample}"')
-uvicorn.run(create_app(settings), host=HOST, port=PORT, log_level="warning")
+run_fastapi(create_app(settings, load_in_background=False), settings)  # uvicorn; Ctrl-C drains
+say("stopped.")

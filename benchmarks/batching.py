@@ -10,6 +10,10 @@ server's worker threads) for ``--seconds`` per contender:
 * batcher, max N: ``max_batch_size`` as ``measure_batch_scaling`` chose it at warm-up;
 * batcher, max 32: a fixed large cap, for comparison.
 
+With a closed loop no request arrives while all clients wait, so a cap above
+``--clients`` waits out ``--max-delay-ms`` on every batch: the chosen cap is an upper
+bound for a busy server, and ``max_delay_ms`` is the price of a half-full batch.
+
 Contenders run in rounds, in rotating order, so background load lands on all alike;
 each cell is the median over rounds. Speedup is requests/s over "direct".
 

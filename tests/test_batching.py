@@ -702,3 +702,23 @@ def test_submit_future_is_a_plain_concurrent_future() -> None:
         future = batcher.submit_future(21)
         assert isinstance(future, concurrent.futures.Future)
         assert future.result(WAIT) == 42
+
+
+def test_a_worker_killed_by_system_exit_answers_everyone_and_stops_accepting() -> None:
+    model = Model()
+
+    def predict(items: list[int]) -> list[int]:
+        model(items)
+        raise SystemExit("die")
+
+    batcher = DynamicBatcher(predict, max_delay_ms=0).start()
+    model.hold_next()
+    first = batcher.submit_future(0)
+    assert model.entered.wait(WAIT)
+    queued = batcher.submit_future(1)
+    model.release.set()
+    assert isinstance(first.exception(WAIT), ServiceUnavailableError)  # in flight
+    assert isinstance(queued.exception(WAIT), ServiceUnavailableError)  # still queued
+    assert batcher.stop(timeout=WAIT) is True
+    with pytest.raises(ServiceUnavailableError):
+        batcher.submit(2)

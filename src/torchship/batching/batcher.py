@@ -140,7 +140,7 @@ class DynamicBatcher(Generic[T, R]):
         # Guards _accepting, _abort, _thread and the check-then-put on the queue, so
         # the queue bound holds and nothing is accepted after the stop sentinel.
         self._lock = threading.Lock()
-        # Unbounded at the Queue level: the bound is enforced in _enqueue, so that
+        # Unbounded at the Queue level: the bound is enforced in submit_future, so that
         # stop() can always put its sentinel.
         self._queue: queue_mod.Queue[_Request[T, R] | _Stop] = queue_mod.Queue()
         self._thread: threading.Thread | None = None
@@ -376,12 +376,12 @@ class DynamicBatcher(Generic[T, R]):
                 if stopping:
                     return
         except BaseException:
-            # Only a bug in this module gets here; don't leave callers hanging.
+            # A bug here, or SystemExit from predict_fn: logged once (not re-raised, the
+            # thread ends either way); refuse new work and leave no caller hanging.
             logger.exception("batcher %r: worker thread crashed", self.name)
             with self._lock:
                 self._accepting = False
             self._fail_queued("Batcher worker crashed; this request did not run.")
-            raise
 
     def _run_batch(self, batch: list[_Request[T, R]]) -> None:
         if not batch:
@@ -421,6 +421,11 @@ class DynamicBatcher(Generic[T, R]):
                 self._log_failure(exc, len(live))
                 errors.extend((r.future, self._client_error(exc)) for r in live)
                 failed = len(live)
+            except BaseException:
+                # SystemExit or the like ends the worker (see _run); answer this batch first.
+                for r in live:
+                    _settle_exception(r.future, self._unavailable("Batcher worker stopped."))
+                raise
             else:
                 inference_s = self._clock() - started
                 for request, output in zip(live, outputs, strict=True):

@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import uvicorn
+
 from torchship.serving.settings import ServeSettings
 
 log = logging.getLogger("torchship.serving")
@@ -52,33 +54,45 @@ def serve(settings: ServeSettings) -> None:
         serve_gunicorn(settings, workers)
 
 
-def _serve_uvicorn(settings: ServeSettings, workers: int) -> None:
-    import uvicorn
-    from uvicorn.supervisors import Multiprocess
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the signal after its graceful shutdown, so the exit
+            # status would be -15 (or a KeyboardInterrupt); a drained shutdown is a
+            # success: exit 0.
+            self._captured_signals.clear()
 
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            with super().capture_signals():
-                yield
-                # uvicorn re-raises the signal after its graceful shutdown, so the exit
-                # status would be -15; a drained shutdown is a success: exit 0.
-                self._captured_signals.clear()
 
-    common: dict[str, Any] = {
+def _uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
+    return {
         "host": settings.host,
         "port": settings.port,
         "log_level": "warning",
         "timeout_graceful_shutdown": int(settings.graceful_timeout_s),
         "access_log": False,
     }
+
+
+def run_fastapi(app: Any, settings: ServeSettings) -> None:
+    """Serve one FastAPI app in this process until SIGINT/SIGTERM, then drain and return."""
+    _Server(uvicorn.Config(app, **_uvicorn_options(settings))).run()
+
+
+def _serve_uvicorn(settings: ServeSettings, workers: int) -> None:
     if workers == 1:
         from torchship.serving.fastapi_app import create_app
 
-        Server(uvicorn.Config(create_app(settings), **common)).run()
+        run_fastapi(create_app(settings), settings)
         return
+    from uvicorn.supervisors import Multiprocess
+
     os.environ.update(settings_to_env(settings))
     config = uvicorn.Config(
-        "torchship.serving.fastapi_app:app_from_env", factory=True, workers=workers, **common
+        "torchship.serving.fastapi_app:app_from_env",
+        factory=True,
+        workers=workers,
+        **_uvicorn_options(settings),
     )
     Multiprocess(config, sockets=[config.bind_socket()]).run()

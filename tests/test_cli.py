@@ -1,0 +1,153 @@
+"""The torchship CLI, in-process, against a temp store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomllib
+
+from torchship.cli import main
+from torchship.zoo import digits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("cli") / "models"
+    assert main(["train-demo", "--store", str(root), "--no-export"]) == 0
+    return str(root)
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_demo_is_idempotent_with_if_missing(
+    cli_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "train-demo", "--store", cli_store, "--if-missing")
+    assert code == 0 and "already in" in out
+    code, out, _ = run(capsys, "models", "list", "--store", cli_store)
+    assert code == 0 and "digits" in out and "production" in out
+
+
+def test_show_verify_tag_untag(cli_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys, "models", "show", "digits:production", "--store", cli_store, "--json"
+    )
+    manifest = json.loads(out)
+    assert manifest["metrics"]["test_accuracy"] >= 0.97
+    assert manifest["labels"] == digits.LABELS
+    code, out, _ = run(capsys, "models", "show", "digits", "--store", cli_store)
+    assert code == 0 and "weights.safetensors" in out
+    assert run(capsys, "models", "verify", "digits:1", "--store", cli_store)[0] == 0
+    code, out, _ = run(capsys, "models", "tag", "digits:1", "stable", "--store", cli_store)
+    assert code == 0 and "digits:stable -> 1" in out
+    assert run(capsys, "models", "untag", "digits", "stable", "--store", cli_store)[0] == 0
+
+
+def test_errors_are_one_clear_line_and_exit_2(
+    cli_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "models", "show", "digits:42", "--store", cli_store)
+    assert code == 2 and "no version or alias '42'" in err and "hint" in err
+    code, _, err = run(capsys, "models", "show", "../etc", "--store", cli_store)
+    assert code == 2 and "Invalid model name" in err
+    code, _, err = run(capsys, "models", "delete", "digits:1", "--store", cli_store)
+    assert code == 2 and "aliased as production" in err
+    assert "Traceback" not in err
+
+
+def test_export_then_predict_files(
+    cli_store: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    digits_data: digits.DigitsData,
+) -> None:
+    code, out, _ = run(capsys, "export", "digits", "--format", "onnx", "--store", cli_store)
+    assert code == 0 and "verified at batch sizes" in out
+    code, out, _ = run(
+        capsys,
+        "export",
+        "digits",
+        "--format",
+        "torchscript",
+        "--method",
+        "script",
+        "--store",
+        cli_store,
+    )
+    assert code == 0 and "model.ts" in out
+
+    npy = tmp_path / "three.npy"
+    np.save(npy, digits_data.x_test[:3].numpy())
+    code, out, _ = run(
+        capsys,
+        "predict",
+        "--model",
+        "digits",
+        "--store",
+        cli_store,
+        "--json",
+        str(ROOT / "data" / "sample.jpg"),
+        str(ROOT / "data" / "test.jpg"),
+        str(npy),
+    )
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [r["top_k"][0]["label"] for r in lines[:2]] == ["2", "3"]
+    assert len(lines) == 2 + 1  # one row per file; the .npy holds a batch
+    code, out, _ = run(
+        capsys,
+        "predict",
+        "--model",
+        "digits",
+        "--store",
+        cli_store,
+        "--runtime",
+        "onnx",
+        str(ROOT / "data" / "digit_4_0.png"),
+    )
+    assert code == 0 and "onnxruntime" in out and " 4 " in out
+
+
+def test_delete_version(cli_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "train-demo",
+                "--store",
+                cli_store,
+                "--no-export",
+                "--arch",
+                "mlp",
+                "--alias",
+                "",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    code, out, _ = run(capsys, "models", "delete", "digits:2", "--store", cli_store)
+    assert code == 0 and "deleted digits:2" in out
+
+
+def test_requirements_txt_matches_pyproject() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    deps = set(pyproject["project"]["dependencies"])
+    reqs = {
+        line.strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert reqs == deps
+    assert "torch==2.13.0" in deps
+    assert not any(d.startswith("torchvision") for d in deps)
