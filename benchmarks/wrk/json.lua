@@ -1,0 +1,9 @@
+-- POST a JSON body:  wrk -t2 -c32 -d10s --latency -s json.lua URL -- body.json
+local here = debug.getinfo(1, "S").source:sub(2):match("^(.*[/\\])") or "./"
+dofile(here .. "_report.lua")
+
+function init(args)
+   wrk.method = "POST"
+   wrk.headers["Content-Type"] = "application/json"
+   wrk.body = read_file(args[1])
+end
