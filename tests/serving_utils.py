@@ -40,7 +40,7 @@ def wait_ready(
         try:
             if requests.get(f"{base}/health/ready", timeout=1).status_code == 200:
                 return time.monotonic() - start
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{base} not ready after {timeout} s")

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from torchship.errors import ConfigError
 
@@ -68,5 +68,5 @@ def load_settings(
     explicit = {k: v for k, v in overrides.items() if v is not None}
     try:
         return cls(**(from_file | explicit))
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:
         raise ConfigError(f"Invalid settings: {exc}") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, TypeAlias
 
+from torchship.errors import ConfigError
 from torchship.settings import load_settings
 
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -46,6 +47,13 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--max-queue-size", type=int)
     p.add_argument("--timeout-s", type=float)
     p.add_argument("--max-body-bytes", type=int)
+    p.add_argument(
+        "--handler",
+        action="append",
+        dest="handler_specs",
+        metavar="NAME=MODULE:CLASS",
+        help="custom handler for a model, e.g. digits=my_handlers.py:Inverted",
+    )
     p.add_argument("--trust-pickle", action="store_true", default=None)
     p.set_defaults(handler=cmd_serve)
 
@@ -74,6 +82,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "trust_pickle",
         )
     }
+    if args.handler_specs:
+        fields["handlers"] = dict(_split_handler(h) for h in args.handler_specs)
     settings = load_settings(args.config, cls=ServeSettings, **fields)
     serve(settings)
     return 0
+
+
+def _split_handler(value: str) -> tuple[str, str]:
+    name, sep, spec = value.partition("=")
+    if not sep or not name or not spec:
+        raise ConfigError(f"--handler {value!r} must look like NAME=MODULE:CLASS.")
+    return name, spec

@@ -461,4 +461,6 @@ def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` worker processes: settings come from the env."""
     from torchship.settings import load_settings
 
-    return create_app(load_settings(cls=ServeSettings))
+    # Load before accepting: workers share one listening socket, so a worker that
+    # accepted while still loading would answer 503 while its siblings could serve.
+    return create_app(load_settings(cls=ServeSettings), load_in_background=False)

@@ -241,7 +241,9 @@ def app_from_env() -> Flask:
     """Factory for gunicorn worker processes: settings come from ``TORCHSHIP_*``."""
     from torchship.settings import load_settings
 
-    return create_app(load_settings(cls=ServeSettings))
+    # Load before accepting: workers share one listening socket, so a worker that
+    # accepted while still loading would answer 503 while its siblings could serve.
+    return create_app(load_settings(cls=ServeSettings), load_in_background=False)
 
 
 def serve_gunicorn(settings: ServeSettings, workers: int) -> None:

@@ -80,3 +80,43 @@ class TensorHandler(Handler):
 
 def default_handler(predictor: Predictor) -> Handler:
     return ClassifierHandler() if predictor.labels else TensorHandler()
+
+
+def load_handler(spec: str) -> Handler:
+    """Instantiate a custom handler from ``"package.module:Class"`` or ``"file.py:Class"``.
+
+    The class must subclass :class:`Handler`. This imports (runs) the named code, so it
+    comes from the server's configuration, never from a request.
+    """
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    from torchship.errors import ConfigError
+
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ConfigError(
+            f"Handler {spec!r} must look like 'package.module:Class' or 'file.py:Class'."
+        )
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            module_spec = importlib.util.spec_from_file_location(
+                f"torchship_handler_{path.stem}", path
+            )
+            if module_spec is None or module_spec.loader is None or not path.is_file():
+                raise ConfigError(f"Handler file {target} does not exist.")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        cls = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"Cannot load handler {spec!r}: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, Handler)):
+        raise ConfigError(
+            f"{spec!r} is not a Handler subclass.",
+            hint="Subclass torchship.serving.ClassifierHandler (or Handler) and override its hooks.",
+        )
+    return cls()

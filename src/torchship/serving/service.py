@@ -31,7 +31,7 @@ from torchship.errors import (
     VersionNotFoundError,
 )
 from torchship.runtime import Predictor, load_predictor, set_threads
-from torchship.serving.handlers import Handler, default_handler
+from torchship.serving.handlers import Handler, default_handler, load_handler
 from torchship.serving.metrics import ServiceMetrics
 from torchship.serving.payloads import Payload
 from torchship.serving.settings import ServeSettings
@@ -142,7 +142,9 @@ class InferenceService:
             trust_pickle=s.trust_pickle,
             warmup=s.warmup,
         )
-        handler = handler or default_handler(predictor)
+        if handler is None:
+            custom = s.handlers.get(predictor.name)
+            handler = load_handler(custom) if custom else default_handler(predictor)
         handler.setup(predictor, max_image_pixels=s.max_image_pixels)
         scaling = None
         if s.max_batch_size == "auto":

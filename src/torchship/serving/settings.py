@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from torchship.settings import Settings
 
@@ -13,9 +15,13 @@ from torchship.settings import Settings
 class ServeSettings(Settings):
     """Everything ``torchship serve`` can be told; CLI flags map onto these fields."""
 
-    models: list[str] = Field(
+    models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["digits"],
         description="Models to serve as NAME[:VERSION|ALIAS]; the first is the default.",
+    )
+    handlers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Custom handler per model name: 'package.module:Class' or 'file.py:Class'.",
     )
     framework: Literal["fastapi", "flask"] = Field("fastapi", description="HTTP front end.")
     host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
@@ -40,7 +46,9 @@ class ServeSettings(Settings):
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
-        if isinstance(value, str):
+        if isinstance(value, str):  # env var: a JSON list or "a,b:2"
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 

@@ -1,0 +1,127 @@
+"""Serving configuration: YAML, env vars and flags; custom handlers; worker processes."""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from serving_utils import SAMPLE, run_server
+
+from torchship.demo import train_demo
+from torchship.errors import ConfigError
+from torchship.serving import ImagePayload, InferenceService, ServeSettings
+from torchship.serving.handlers import load_handler
+from torchship.settings import load_settings
+from torchship.store import ModelStore
+from torchship.zoo import digits
+
+
+def test_precedence_flags_over_env_over_yaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("models: [a, b]\nport: 9000\nmax_delay_ms: 7\nworkers: auto\n")
+    s = load_settings(config, cls=ServeSettings)
+    assert (s.models, s.port, s.max_delay_ms, s.workers) == (["a", "b"], 9000, 7.0, "auto")
+    monkeypatch.setenv("TORCHSHIP_PORT", "9100")
+    monkeypatch.setenv("TORCHSHIP_MODELS", "c,d:2")
+    s = load_settings(config, cls=ServeSettings)
+    assert (s.models, s.port, s.max_delay_ms) == (["c", "d:2"], 9100, 7.0)
+    s = load_settings(config, cls=ServeSettings, port=9200, models=None)
+    assert (s.models, s.port) == (["c", "d:2"], 9200)
+
+
+def test_bad_settings_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="Invalid settings"):
+        load_settings(cls=ServeSettings, port=-1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_settings(bad, cls=ServeSettings)
+    with pytest.raises(ConfigError, match="Invalid settings"):
+        load_settings(cls=ServeSettings, framework="django")
+
+
+def test_workers_and_threads_never_oversubscribe() -> None:
+    import os
+
+    cores = os.cpu_count() or 1
+    s = ServeSettings(workers="auto")
+    assert s.worker_count() == cores and s.threads_per_worker() == 1
+    assert ServeSettings(workers=1).threads_per_worker() == cores
+    assert ServeSettings(workers=1, threads=3).threads_per_worker() == 3
+
+
+HANDLER = textwrap.dedent(
+    """
+    from torchship.serving import ClassifierHandler
+
+    class Tagged(ClassifierHandler):
+        def postprocess(self, outputs, *, top_k):
+            return [dict(item, handled_by="Tagged") for item in super().postprocess(outputs, top_k=top_k)]
+
+    class NotAHandler:
+        pass
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def small_store(
+    tmp_path_factory: pytest.TempPathFactory,
+    quick_mlp: torch.nn.Module,
+    digits_data: digits.DigitsData,
+) -> Path:
+    root = tmp_path_factory.mktemp("cfg") / "models"
+    ModelStore(root).save(
+        quick_mlp,
+        "digits",
+        input_spec=digits.input_spec(),
+        labels=digits.LABELS,
+        examples=digits_data.x_test[:8],
+    )
+    return root
+
+
+def test_custom_handler_from_a_file(tmp_path: Path, small_store: Path) -> None:
+    path = tmp_path / "my_handlers.py"
+    path.write_text(HANDLER)
+    settings = ServeSettings(
+        store=small_store, runtime="eager", max_batch_size=2, handlers={"digits": f"{path}:Tagged"}
+    )
+    service = InferenceService(settings).start()
+    try:
+        result = service.predict(ImagePayload(SAMPLE.read_bytes()))
+        assert result.predictions[0]["handled_by"] == "Tagged"
+    finally:
+        service.stop()
+    with pytest.raises(ConfigError, match="not a Handler subclass"):
+        load_handler(f"{path}:NotAHandler")
+    with pytest.raises(ConfigError, match="Cannot load handler"):
+        load_handler("torchship.nope:Thing")
+    with pytest.raises(ConfigError, match="look like"):
+        load_handler("no-colon")
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "flask"])
+def test_several_worker_processes(tmp_path_factory: pytest.TempPathFactory, framework: str) -> None:
+    root = tmp_path_factory.mktemp("workers") / "models"
+    train_demo(ModelStore(root), "digits", export=False, epochs=3)
+    with run_server(root, "--workers", "2", "--runtime", "eager", framework=framework) as (
+        base,
+        proc,
+    ):
+
+        def one(_: int) -> int:
+            with SAMPLE.open("rb") as fh:
+                return requests.post(f"{base}/predict", files={"file": fh}, timeout=30).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(one, range(40))) == {200}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
