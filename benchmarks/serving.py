@@ -101,7 +101,8 @@ class Workload:
 class ServerKind:
     key: str
     label: str
-    serve_args: tuple[str, ...] | None  # ``torchship serve`` flags; None: not torchship
+    serve_args: tuple[str, ...] | None  # ``torchship serve`` flags; None: the naive server
+    env: tuple[tuple[str, str], ...] = ()
 
 
 SERVERS = (
@@ -117,7 +118,10 @@ SERVERS = (
         "torchship Flask, workers auto, batch 1",
         ("--framework", "flask", "--workers", "auto", "--max-batch-size", "1"),
     ),
-    ServerKind("naive", "naive FastAPI (no batching)", None),
+    ServerKind("naive", "naive FastAPI", None),
+    # Not a target baseline: the naive server with the one setting that matters most on a
+    # small, busy CPU, to show how much of the gap is thread oversubscription alone.
+    ServerKind("naive-1t", "naive FastAPI, 1 torch thread", None, (("OMP_NUM_THREADS", "1"),)),
 )
 
 
@@ -371,6 +375,7 @@ def server_command(
 def start_server(cmd: list[str], kind: ServerKind, model: str, port: int, logs: Path) -> Server:
     log = logs / f"{kind.key}-{model}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHSHIP_")}
+    env.update(kind.env)
     with log.open("wb") as out:
         # Its own session, so a kill on timeout reaches every worker it forked.
         proc = subprocess.Popen(
@@ -413,7 +418,8 @@ def wait_first_prediction(server: Server, workload: Workload, started: float) ->
 def describe(server: Server) -> str:
     """Runtime and batch cap a torchship server chose (from GET /models)."""
     if server.kind.serve_args is None:
-        return "eager (torch default threads)"
+        threads = dict(server.kind.env).get("OMP_NUM_THREADS", "default")
+        return f"eager, {threads} torch threads"
     conn = http.client.HTTPConnection(HOST, server.port, timeout=10)
     try:
         conn.request("GET", "/models")
@@ -541,9 +547,10 @@ def bench_model(
                     server.sample_rss()
                     points.append(point)
                     console.print(
-                        f"  {workload.key:<14} c={conns:<3} {server.kind.label:<42} "
-                        f"{point.ok_per_s:8,.0f} req/s  p50 {point.p50_ms:7.2f} ms  "
-                        f"p99 {point.p99_ms:7.2f} ms  errors {point.errors}"
+                        f"  {workload.key:<13} c={conns:<3} {server.kind.key:<10} "
+                        f"{point.ok_per_s:7,.0f} req/s  p50 {point.p50_ms:7.1f} ms  "
+                        f"p99 {point.p99_ms:7.1f} ms  errors {point.errors}",
+                        highlight=False,
                     )
     return servers, points
 
@@ -729,6 +736,11 @@ def main(argv: list[str] | None = None) -> int:
             servers += s
             points += p
 
+    with contextlib.suppress(OSError):
+        notes.append(
+            f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+            "logical CPUs; other processes on the machine compete with every row alike"
+        )
     report = build_report(args, summary, workloads, servers, points, ceilings, notes)
     console.print(f"total {time.monotonic() - started:.0f} s")
     if args.out:
@@ -774,7 +786,7 @@ def build_report(
     server_cols = [
         "server",
         "model",
-        "answers s",
+        "first answer s",
         "first 200 s",
         "RSS start MB",
         "RSS peak MB",

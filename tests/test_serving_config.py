@@ -125,3 +125,30 @@ def test_several_worker_processes(tmp_path_factory: pytest.TempPathFactory, fram
             assert set(pool.map(one, range(40))) == {200}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_per_model_batching_options(tmp_path: Path, small_store: Path) -> None:
+    ModelStore(small_store).save(
+        digits.DigitsMLP(hidden=32, layers=1),
+        "other",
+        input_spec=digits.input_spec(),
+        labels=digits.LABELS,
+    )
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        f"store: {small_store}\nmodels: [digits, other]\nruntime: eager\nmax_batch_size: 4\nmax_delay_ms: 1\n"
+        "model_options:\n  other: {max_batch_size: 1, max_delay_ms: 0}\n"
+    )
+    service = InferenceService(load_settings(config, cls=ServeSettings)).start()
+    try:
+        by_name = {m.name: m.batcher for m in service.models()}
+        assert (by_name["digits"].max_batch_size, by_name["digits"].max_delay_ms) == (4, 1.0)
+        assert (by_name["other"].max_batch_size, by_name["other"].max_delay_ms) == (1, 0.0)
+    finally:
+        service.stop()
+    with pytest.raises(ConfigError):
+        load_settings(cls=ServeSettings, max_batch_size=0)
+    with pytest.raises(ConfigError):
+        load_settings(cls=ServeSettings, model_options={"x": {"max_batch_size": 0}})
+    with pytest.raises(ConfigError):
+        load_settings(cls=ServeSettings, model_options={"x": {"max_batchsize": 3}})

@@ -24,7 +24,7 @@ from torchship.errors import (
     VersionNotFoundError,
 )
 from torchship.store import Architecture, ModelStore, TorchVersionWarning
-from torchship.store.serialization import safe_torch_load
+from torchship.store.serialization import ArchitectureWarning, safe_torch_load
 from torchship.zoo import digits
 
 MARKER_CODE = "import pathlib; pathlib.Path({marker!r}).write_text('pwned')"
@@ -174,12 +174,13 @@ def test_malicious_pickle_is_refused_and_never_executed(
 
 
 def test_architecture_must_be_an_nn_module(store, quick_mlp, digits_data) -> None:
-    _save_mlp(
-        store,
-        quick_mlp,
-        digits_data,
-        architecture=Architecture(target="os:system", kwargs={"command": "true"}),
-    )
+    with pytest.warns(ArchitectureWarning, match="not an nn.Module"):
+        _save_mlp(
+            store,
+            quick_mlp,
+            digits_data,
+            architecture=Architecture(target="os:system", kwargs={"command": "true"}),
+        )
     with pytest.raises(ModelLoadError, match="not an nn.Module"):
         store.load("digits")
     # passing the instance to fill works without trusting the recorded target
@@ -221,6 +222,7 @@ SAVER = textwrap.dedent(
 )
 
 
+@pytest.mark.filterwarnings("ignore::torchship.store.serialization.ArchitectureWarning")
 def test_killed_save_never_leaves_a_version_that_looks_complete(tmp_path) -> None:
     root = tmp_path / "models"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
@@ -247,3 +249,11 @@ def test_killed_save_never_leaves_a_version_that_looks_complete(tmp_path) -> Non
     # the store keeps working after the crashes
     m = store.save(torch.nn.Linear(2, 2), "big")
     assert store.verify("big", m.version)
+
+
+def test_saving_what_cannot_be_rebuilt_warns(store) -> None:
+    with pytest.warns(ArchitectureWarning, match="different weights"):
+        store.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), "seq")
+    with pytest.raises(ModelLoadError, match="do not fit the architecture"):
+        store.load("seq")
+    assert store.load("seq", model=torch.nn.Sequential(torch.nn.Linear(2, 2))) is not None

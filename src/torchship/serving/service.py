@@ -133,10 +133,11 @@ class InferenceService:
     ) -> LoadedModel:
         s = self.settings
         start = time.monotonic()
+        runtime, max_batch_size, max_delay_ms = s.options_for(parse_ref(ref)[0])
         predictor = load_predictor(
             self.store,
             ref,
-            runtime=s.runtime,
+            runtime=runtime,
             device=s.device,
             threads=threads or s.threads_per_worker(),
             trust_pickle=s.trust_pickle,
@@ -147,11 +148,11 @@ class InferenceService:
             handler = load_handler(custom) if custom else default_handler(predictor)
         handler.setup(predictor, max_image_pixels=s.max_image_pixels)
         scaling = None
-        if s.max_batch_size == "auto":
+        if max_batch_size == "auto":
             scaling = _measure_scaling(predictor) if s.warmup else None
             max_batch = scaling.chosen if scaling else 8
         else:
-            max_batch = s.max_batch_size
+            max_batch = max_batch_size
         name, version = predictor.name, predictor.version
 
         def run_batch(items: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -160,7 +161,7 @@ class InferenceService:
         batcher: DynamicBatcher[torch.Tensor, torch.Tensor] = DynamicBatcher(
             run_batch,
             max_batch_size=max_batch,
-            max_delay_ms=s.max_delay_ms,
+            max_delay_ms=max_delay_ms,
             max_queue_size=s.max_queue_size,
             timeout_s=s.timeout_s,
             name=f"{name}:{version}",

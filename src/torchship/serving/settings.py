@@ -6,10 +6,27 @@ import json
 import os
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import NoDecode
 
-from torchship.settings import Settings
+from torchship.settings import Runtime, Settings
+
+
+class ModelOptions(BaseModel):
+    """Per-model overrides of the serving defaults (keyed by model name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runtime: Runtime | None = None
+    max_batch_size: int | Literal["auto"] | None = Field(None, description="int >= 1 or 'auto'")
+    max_delay_ms: float | None = Field(None, ge=0)
+
+    @field_validator("max_batch_size")
+    @classmethod
+    def _positive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        return value
 
 
 class ServeSettings(Settings):
@@ -18,6 +35,10 @@ class ServeSettings(Settings):
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["digits"],
         description="Models to serve as NAME[:VERSION|ALIAS]; the first is the default.",
+    )
+    model_options: dict[str, ModelOptions] = Field(
+        default_factory=dict,
+        description="Per-model overrides: {name: {runtime, max_batch_size, max_delay_ms}}.",
     )
     handlers: dict[str, str] = Field(
         default_factory=dict,
@@ -43,6 +64,13 @@ class ServeSettings(Settings):
     warmup: bool = Field(True, description="Warm up (and size batches) before ready.")
     graceful_timeout_s: float = Field(30.0, gt=0, description="SIGTERM drain limit.")
 
+    @field_validator("max_batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("max_batch_size must be at least 1 (1 turns batching off)")
+        return value
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
@@ -62,3 +90,12 @@ class ServeSettings(Settings):
         if self.threads is not None:
             return self.threads
         return max(1, (os.cpu_count() or 1) // self.worker_count())
+
+    def options_for(self, name: str) -> tuple[Runtime, int | Literal["auto"], float]:
+        """(runtime, max_batch_size, max_delay_ms) for ``name``, overrides applied."""
+        o = self.model_options.get(name, ModelOptions())
+        return (
+            o.runtime or self.runtime,
+            o.max_batch_size if o.max_batch_size is not None else self.max_batch_size,
+            o.max_delay_ms if o.max_delay_ms is not None else self.max_delay_ms,
+        )

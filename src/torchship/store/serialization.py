@@ -114,3 +114,30 @@ def build_architecture(arch: Architecture) -> nn.Module:
             f"Cannot construct {arch.target} with {arch.kwargs}: {exc}",
             hint="Give the model an init_kwargs dict of its constructor arguments before saving.",
         ) from exc
+
+
+class ArchitectureWarning(UserWarning):
+    """A saved state_dict cannot be loaded back without passing ``model=``."""
+
+
+def check_rebuildable(model: nn.Module, arch: Architecture) -> None:
+    """Warn at save time when the recorded architecture would not rebuild ``model``."""
+    import warnings
+
+    try:
+        with torch.device("meta"):  # shapes only: no memory for a second copy of the weights
+            rebuilt = build_architecture(arch)
+    except ModelLoadError as exc:
+        problem = exc.message
+    else:
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+        if want == got:
+            return
+        problem = f"{arch.target}({arch.kwargs}) builds a module with different weights"
+    warnings.warn(
+        f"{problem}; loading this version will need model=... . Give the class an "
+        "init_kwargs dict of its constructor arguments, or pass architecture=.",
+        ArchitectureWarning,
+        stacklevel=3,
+    )

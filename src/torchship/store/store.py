@@ -169,6 +169,7 @@ class ModelStore:
                         format="safetensors", file="weights.safetensors"
                     )
                     architecture = architecture or ser.architecture_of(model)
+                    ser.check_rebuildable(model, architecture)
                 elif format == "whole":
                     ser.save_whole_model(model, tmp / "model.pt")
                     artifacts["weights"] = Artifact(format="pickle", file="model.pt")
