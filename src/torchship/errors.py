@@ -158,6 +158,13 @@ class ModelNotReadyError(ServiceUnavailableError):
     code = "model_not_ready"
 
 
+class InferenceError(TorchshipError):
+    """The model failed on a batch: the server's fault, not the client's (logged once)."""
+
+    status_code = 500
+    code = "inference_error"
+
+
 class RequestTimeoutError(TorchshipError):
     status_code = 504
     code = "timeout"

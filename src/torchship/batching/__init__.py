@@ -6,7 +6,7 @@
 ``max_batch_size`` from measured throughput at warm-up.
 """
 
-from torchship.batching.batcher import DynamicBatcher, InferenceError, PredictFn
+from torchship.batching.batcher import DynamicBatcher, PredictFn
 from torchship.batching.collect import SupportsGet, collect_batch
 from torchship.batching.scaling import (
     BatchMeasurement,
@@ -15,6 +15,7 @@ from torchship.batching.scaling import (
     measure_batch_scaling,
 )
 from torchship.batching.stats import BatcherStats, BatchEvent
+from torchship.errors import InferenceError
 
 __all__ = [
     "BatchEvent",

@@ -36,6 +36,7 @@ from torchship.batching.collect import collect_batch
 from torchship.batching.stats import BatcherStats, BatchEvent, _StatsRecorder
 from torchship.errors import (
     ConfigError,
+    InferenceError,
     InvalidInputError,
     QueueFullError,
     RequestTimeoutError,
@@ -50,13 +51,6 @@ logger = logging.getLogger("torchship.batching")
 
 PredictFn = Callable[[list[T]], Sequence[R | Exception]]
 """Takes the batch's inputs in order, returns one output (or an ``Exception``) per input."""
-
-
-class InferenceError(TorchshipError):
-    """``predict_fn`` failed in a way that is the server's fault, not the client's."""
-
-    status_code = 500
-    code = "inference_error"
 
 
 @dataclass(eq=False)
