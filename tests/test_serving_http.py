@@ -216,6 +216,18 @@ def _bad_requests() -> list[tuple[str, dict[str, object], int, str]]:
         ),
         ("top_k zero", {"json": {"inputs": one, "top_k": 0}}, 400, "invalid_input"),
         (
+            "top_k not a number (form)",
+            {"files": {"image": ("s.jpg", sample)}, "data": {"top_k": "abc"}},
+            400,
+            "invalid_input",
+        ),
+        (
+            "top_k not a number (query)",
+            {"json": {"inputs": one}, "params": {"top_k": "abc"}},
+            400,
+            "invalid_input",
+        ),
+        (
             "unknown model",
             {"json": {"inputs": one}, "params": {"model": "cats"}},
             404,

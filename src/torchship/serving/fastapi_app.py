@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -14,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,7 +26,7 @@ from torchship.errors import (
     TorchshipError,
 )
 from torchship.serving import payloads, protocols
-from torchship.serving.http import error_response
+from torchship.serving.http import error_response, start_in_background
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
 from torchship.serving.payloads import IMAGE_FIELDS, Payload
 from torchship.serving.service import InferenceService
@@ -67,16 +66,6 @@ class PredictionResponse(BaseModel):
     latency_ms: float
 
 
-class PredictJSON(BaseModel):
-    """A JSON prediction request: nested arrays shaped like the model input, or an image."""
-
-    inputs: list[Any] | None = Field(
-        None, description="One item or a batch, nested lists of numbers shaped like the input."
-    )
-    image: str | None = Field(None, description="A base64-encoded image (data URLs accepted).")
-    top_k: int | None = Field(None, ge=1, le=1000)
-
-
 class ErrorResponse(BaseModel):
     error: str = Field(examples=["The uploaded file is not an image Pillow can read."])
     code: str = Field(examples=["invalid_image"])
@@ -102,7 +91,7 @@ PREDICT_BODY = {
                 }
             },
             "application/json": {
-                "schema": PredictJSON.model_json_schema(),
+                "schema": payloads.PredictJSON.model_json_schema(),
                 "examples": {
                     "tensor": {
                         "summary": "one 1x8x8 digit as normalised numbers",
@@ -231,8 +220,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if load_in_background:
-            loader = threading.Thread(target=_start_logged, args=(service,), daemon=True)
-            loader.start()
+            start_in_background(service)
         else:
             await asyncio.to_thread(service.start)
         yield
@@ -391,13 +379,6 @@ def create_app(
     return app
 
 
-def _start_logged(service: InferenceService) -> None:
-    try:
-        service.start()
-    except Exception:
-        log.exception("loading the models failed; the server stays not-ready")
-
-
 def _tag(request: Request, model: str, version: str) -> None:
     request.state.model = model
     request.state.version = version
@@ -417,44 +398,14 @@ async def _read_payload(request: Request) -> tuple[Payload, int | None]:
             for field in (*IMAGE_FIELDS, *form.keys()):
                 value = form.get(field)
                 if isinstance(value, UploadFile):
-                    return payloads.ImagePayload(await value.read()), _form_top_k(form.get("top_k"))
+                    top_k = form.get("top_k")
+                    return payloads.ImagePayload(await value.read()), payloads.parse_top_k(
+                        top_k if isinstance(top_k, str) else None
+                    )
         finally:
             await form.close()
-        raise InvalidInputError(
-            "The multipart body has no file.",
-            hint="Send the image as the 'image' or 'file' field, e.g. curl -F \"image=@sample.jpg\".",
-        )
-    body = await request.body()
-    if kind == "application/json" or kind.endswith("+json"):
-        try:
-            obj = json.loads(body) if body else None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidInputError(f"The body is not valid JSON: {exc}") from exc
-        if obj is None:
-            raise InvalidInputError("The JSON body is empty.")
-        if isinstance(obj, dict):
-            try:
-                parsed = PredictJSON.model_validate(obj)
-            except ValidationError as exc:
-                details = "; ".join(
-                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-                )
-                raise InvalidInputError(f"Invalid JSON request: {details}") from None
-            return payloads.from_json(obj), parsed.top_k
-        return payloads.from_json(obj), None
-    return payloads.from_bytes(body, kind), None
-
-
-def _form_top_k(value: Any) -> int | None:
-    if value is None or isinstance(value, UploadFile):
-        return None
-    try:
-        k = int(value)
-    except ValueError:
-        raise InvalidInputError("top_k must be an integer.") from None
-    if k < 1:
-        raise InvalidInputError("top_k must be at least 1.")
-    return k
+        raise payloads.no_file_error()
+    return payloads.parse_body(await request.body(), kind)
 
 
 def app_from_env() -> FastAPI:

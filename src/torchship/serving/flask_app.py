@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
 from typing import Any
 
@@ -20,7 +18,7 @@ from torchship.errors import (
     TorchshipError,
 )
 from torchship.serving import payloads, protocols
-from torchship.serving.http import dumps, error_response
+from torchship.serving.http import dumps, error_response, start_in_background
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
 from torchship.serving.payloads import IMAGE_FIELDS, Payload
 from torchship.serving.service import InferenceService
@@ -46,7 +44,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["torchship"] = service
     if load_in_background:
-        threading.Thread(target=_start_logged, args=(service,), daemon=True).start()
+        start_in_background(service)
     else:
         service.start()
 
@@ -111,7 +109,7 @@ def create_app(
             payload,
             model=request.args.get("model"),
             version=request.args.get("version"),
-            top_k=_int_arg("top_k") or top_k,
+            top_k=payloads.parse_top_k(request.args.get("top_k")) or top_k,
         )
         g.model, g.version = result.model, result.version
         return _json(result.to_dict())
@@ -188,53 +186,17 @@ def create_app(
     return app
 
 
-def _start_logged(service: InferenceService) -> None:
-    try:
-        service.start()
-    except Exception:
-        log.exception("loading the models failed; the server stays not-ready")
-
-
-def _int_arg(name: str) -> int | None:
-    value = request.args.get(name)
-    if value is None:
-        return None
-    try:
-        k = int(value)
-    except ValueError:
-        raise InvalidInputError(f"{name} must be an integer.") from None
-    if k < 1:
-        raise InvalidInputError(f"{name} must be at least 1.")
-    return k
-
-
 def _read_payload() -> tuple[Payload, int | None]:
     """Multipart (image/file field), JSON, or a raw image / .npy body."""
-    kind = payloads.media_type(request.content_type)
-    if kind == "multipart/form-data":
-        files = request.files
-        for field in (*IMAGE_FIELDS, *files.keys()):
-            upload = files.get(field)
+    if payloads.media_type(request.content_type) == "multipart/form-data":
+        for field in (*IMAGE_FIELDS, *request.files.keys()):
+            upload = request.files.get(field)
             if upload is not None:
-                top_k = request.form.get("top_k")
-                return payloads.ImagePayload(upload.read()), int(top_k) if top_k else None
-        raise InvalidInputError(
-            "The multipart body has no file.",
-            hint="Send the image as the 'image' or 'file' field, e.g. curl -F \"image=@sample.jpg\".",
-        )
-    body = request.get_data(cache=False)
-    if kind == "application/json" or kind.endswith("+json"):
-        try:
-            obj = json.loads(body) if body else None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidInputError(f"The body is not valid JSON: {exc}") from exc
-        if obj is None:
-            raise InvalidInputError("The JSON body is empty.")
-        top_k = obj.get("top_k") if isinstance(obj, dict) else None
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise InvalidInputError("top_k must be a positive integer.")
-        return payloads.from_json(obj), top_k
-    return payloads.from_bytes(body, kind), None
+                return payloads.ImagePayload(upload.read()), payloads.parse_top_k(
+                    request.form.get("top_k")
+                )
+        raise payloads.no_file_error()
+    return payloads.parse_body(request.get_data(cache=False), request.content_type)
 
 
 def app_from_env() -> Flask:

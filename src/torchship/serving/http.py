@@ -1,13 +1,17 @@
-"""The one place where exceptions become HTTP responses, for every front end."""
+"""What both front ends share: exceptions to responses (one place), background start."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
 from torchship.errors import ServiceUnavailableError, TorchshipError
+
+if TYPE_CHECKING:
+    from torchship.serving.service import InferenceService
 
 log = logging.getLogger("torchship.serving")
 
@@ -27,3 +31,17 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, s
 
 def dumps(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def start_in_background(service: InferenceService) -> threading.Thread:
+    """Load the models on a thread so liveness answers at once and readiness when warm."""
+
+    def run() -> None:
+        try:
+            service.start()
+        except Exception:
+            log.exception("loading the models failed; the server stays not-ready")
+
+    thread = threading.Thread(target=run, name="torchship-loader", daemon=True)
+    thread.start()
+    return thread

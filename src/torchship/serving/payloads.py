@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, Field, ValidationError
 
 from torchship.errors import InvalidInputError, UnsupportedMediaTypeError
 
@@ -102,3 +104,57 @@ def to_array(value: Any) -> np.ndarray:
             hint=f"numpy said: {exc}",
         ) from exc
     return array
+
+
+class PredictJSON(BaseModel):
+    """A JSON prediction request: nested arrays shaped like the model input, or an image."""
+
+    inputs: list[Any] | None = Field(
+        None, description="One item or a batch, nested lists of numbers shaped like the input."
+    )
+    image: str | None = Field(None, description="A base64-encoded image (data URLs accepted).")
+    top_k: int | None = Field(None, ge=1, le=1000)
+
+
+def parse_body(body: bytes, content_type: str | None) -> tuple[Payload, int | None]:
+    """A non-multipart request body: JSON (validated), a raw image, or ``.npy``.
+
+    Returns the payload and the ``top_k`` the body asked for, if any.
+    """
+    kind = media_type(content_type)
+    if not (kind == "application/json" or kind.endswith("+json")):
+        return from_bytes(body, kind), None
+    try:
+        obj = json.loads(body) if body else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"The body is not valid JSON: {exc}") from exc
+    if obj is None:
+        raise InvalidInputError("The JSON body is empty.")
+    if not isinstance(obj, dict):
+        return from_json(obj), None
+    try:
+        parsed = PredictJSON.model_validate(obj)
+    except ValidationError as exc:
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidInputError(f"Invalid JSON request: {details}") from None
+    return from_json(obj), parsed.top_k
+
+
+def parse_top_k(value: str | None, name: str = "top_k") -> int | None:
+    """A ``top_k`` from a query string or form field."""
+    if value is None or value == "":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}.") from None
+    if not 1 <= k <= 1000:
+        raise InvalidInputError(f"{name} must be between 1 and 1000.")
+    return k
+
+
+def no_file_error() -> InvalidInputError:
+    return InvalidInputError(
+        "The multipart body has no file.",
+        hint="Send the image as the 'image' or 'file' field, e.g. curl -F \"image=@sample.jpg\".",
+    )
