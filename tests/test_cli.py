@@ -151,3 +151,46 @@ def test_requirements_txt_matches_pyproject() -> None:
     assert reqs == deps
     assert "torch==2.13.0" in deps
     assert not any(d.startswith("torchvision") for d in deps)
+
+
+def test_promote_rollback_history(cli_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "train-demo",
+                "--store",
+                cli_store,
+                "--no-export",
+                "--arch",
+                "mlp",
+                "--alias",
+                "",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    versions = json.loads(
+        run(capsys, "models", "show", "digits:latest", "--json", "--store", cli_store)[1]
+    )["version"]
+    code, out, _ = run(
+        capsys,
+        "models",
+        "promote",
+        f"digits:{versions}",
+        "--reason",
+        "try the MLP",
+        "--store",
+        cli_store,
+    )
+    assert code == 0 and "-> production" in out
+    code, out, _ = run(
+        capsys, "models", "rollback", "digits", "--reason", "too slow", "--store", cli_store
+    )
+    assert code == 0 and f"production {versions} -> 1" in out
+    code, out, _ = run(capsys, "models", "history", "digits", "--store", cli_store)
+    assert code == 0 and "too slow" in out and "rollback" in out
+    code, out, _ = run(capsys, "models", "list", "--store", cli_store)
+    assert "archived" in out

@@ -257,3 +257,36 @@ def test_saving_what_cannot_be_rebuilt_warns(store) -> None:
     with pytest.raises(ModelLoadError, match="do not fit the architecture"):
         store.load("seq")
     assert store.load("seq", model=torch.nn.Sequential(torch.nn.Linear(2, 2))) is not None
+
+
+def test_stages_promote_rollback_and_history(store, quick_mlp, digits_data) -> None:
+    from torchship.errors import VersionNotFoundError as NotFound
+    from torchship.store import stages
+
+    for _ in range(3):
+        _save_mlp(store, quick_mlp, digits_data)
+    assert stages.stages(store, "digits") == {"1": "staging", "2": "staging", "3": "staging"}
+    assert store.resolve("digits") == "3"  # no production yet: the newest
+    with pytest.raises(NotFound):
+        stages.rollback(store, "digits")
+    stages.promote(store, "digits", "1", reason="first release")
+    assert store.resolve("digits") == "1"  # the default pointer
+    stages.promote(store, "digits", "2", reason="better accuracy")
+    assert stages.stages(store, "digits") == {"1": "archived", "2": "production", "3": "staging"}
+    record = stages.rollback(store, "digits", reason="p99 regression")
+    assert (record["from"], record["to"]) == ("2", "1")
+    assert store.resolve("digits") == "1"
+    assert stages.stages(store, "digits")["2"] == "archived"
+    stages.rollback(store, "digits", to="3", reason="hotfix")
+    assert store.resolve("digits") == "3"
+    log = stages.history(store, "digits")
+    assert [r["action"] for r in log] == ["promote", "promote", "rollback", "rollback"]
+    assert [r["reason"] for r in log] == [
+        "first release",
+        "better accuracy",
+        "p99 regression",
+        "hotfix",
+    ]
+    assert all("at" in r for r in log)
+    with pytest.raises(InvalidInputError):
+        stages.rollback(store, "digits", to="3")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 from torchship.store import Manifest, ModelStore
+from torchship.store.stages import promote
+from torchship.store.store import DEFAULT_ALIAS
 from torchship.zoo import digits
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,11 @@ def train_demo(
         metrics={"test_accuracy": result.test_accuracy, "train_seconds": result.seconds},
         examples=data.x_test[:N_EXAMPLES],
         description=f"Digits {arch.upper()} trained on scikit-learn's bundled 8x8 digits.",
-        aliases=[alias] if alias else (),
     )
+    if alias == DEFAULT_ALIAS:
+        promote(store, name, manifest.version, reason=f"train-demo ({arch})")
+    elif alias:
+        store.set_alias(name, alias, manifest.version)
     log.info("saved %s (test accuracy %.4f)", manifest.ref, result.test_accuracy)
     if export:
         from torchship.export import export_onnx, export_torchscript

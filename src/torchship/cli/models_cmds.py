@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -15,7 +16,8 @@ from torchship.errors import InvalidInputError
 from torchship.settings import Settings, load_settings
 from torchship.store import ModelStore, parse_ref
 
-console = Console(highlight=False)
+# Piped output (tests, logs) gets room for the tables instead of 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -69,6 +71,23 @@ def register(sub: SubParsers) -> None:
     p.add_argument("ref", help="NAME:VERSION")
     p.add_argument("--force", action="store_true", help="even if an alias points at it")
     p.set_defaults(handler=cmd_models_delete)
+
+    p = msub.add_parser("promote", help="move a version to a stage (production moves the default)")
+    _add_store_arg(p)
+    p.add_argument("ref", help="NAME:VERSION")
+    p.add_argument("--stage", choices=["staging", "production", "archived"], default="production")
+    p.add_argument("--reason", default="", help="recorded in the model's history")
+    p.set_defaults(handler=cmd_models_promote)
+    p = msub.add_parser("rollback", help="point production back at the previous version")
+    _add_store_arg(p)
+    p.add_argument("name")
+    p.add_argument("--to", help="a version (default: the one production had before)")
+    p.add_argument("--reason", default="", help="recorded in the model's history")
+    p.set_defaults(handler=cmd_models_rollback)
+    p = msub.add_parser("history", help="every promotion and rollback: when, what, why")
+    _add_store_arg(p)
+    p.add_argument("name")
+    p.set_defaults(handler=cmd_models_history)
 
     p = sub.add_parser("export", help="export to TorchScript or ONNX, verified against eager")
     _add_store_arg(p)
@@ -129,17 +148,21 @@ def _fmt_size(n: int) -> str:
 def cmd_models_list(args: argparse.Namespace) -> int:
     store = _store(args)
     table = Table(title=f"Models in {store.root}")
-    for col in ("model", "version", "created", "aliases", "artifacts", "size", "test acc"):
+    for col in ("model", "version", "stage", "created", "aliases", "artifacts", "size", "test acc"):
         table.add_column(col)
     names = [args.name] if args.name else store.names()
     for name in names:
+        from torchship.store.stages import stages
+
         aliases = store.aliases(name)
+        staged = stages(store, name)
         for m in store.manifests(name):
             tags = [a for a, v in aliases.items() if v == m.version]
             acc = m.metrics.get("test_accuracy")
             table.add_row(
                 name,
                 m.version,
+                staged.get(m.version, ""),
                 m.created_at[:19].replace("T", " "),
                 ", ".join(tags),
                 ", ".join(f"{k}:{a.format}" for k, a in m.artifacts.items()),
@@ -223,6 +246,51 @@ def cmd_models_delete(args: argparse.Namespace) -> int:
     ref = store.manifest(args.ref).ref
     store.delete(args.ref, force=args.force)
     console.print(f"deleted {ref}")
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    from torchship.store import stages
+
+    name, version = parse_ref(args.ref)
+    if version is None:
+        raise InvalidInputError("Say which version to promote, e.g. digits:3.")
+    record = stages.promote(_store(args), name, version, stage=args.stage, reason=args.reason)
+    previous = record["previous_production"]
+    console.print(
+        f"{name}:{record['version']} -> {args.stage}"
+        + (
+            f" (was {previous}, now archived)"
+            if args.stage == "production" and previous and previous != record["version"]
+            else ""
+        )
+    )
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from torchship.store import stages
+
+    record = stages.rollback(_store(args), args.name, to=args.to, reason=args.reason)
+    console.print(f"{args.name}: production {record['from']} -> {record['to']}")
+    return 0
+
+
+def cmd_models_history(args: argparse.Namespace) -> int:
+    from torchship.store import stages
+
+    table = Table(title=f"{args.name}: history")
+    for col in ("when", "action", "details", "reason"):
+        table.add_column(col)
+    for r in stages.history(_store(args), args.name):
+        details = {k: v for k, v in r.items() if k not in ("at", "action", "model", "reason")}
+        table.add_row(
+            str(r.get("at", ""))[:19],
+            str(r.get("action")),
+            ", ".join(f"{k}={v}" for k, v in details.items()),
+            str(r.get("reason", "")),
+        )
+    console.print(table)
     return 0
 
 

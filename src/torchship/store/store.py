@@ -48,6 +48,7 @@ from torchship.store.manifest import Architecture, Artifact, FileEntry, InputSpe
 
 MANIFEST = "manifest.json"
 ALIASES = "aliases.json"
+DEFAULT_ALIAS = "production"  # the version served when a request names none
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 3600.0
 
@@ -91,7 +92,8 @@ class ModelStore:
         return {str(k): str(v) for k, v in data.items()}
 
     def resolve(self, name: str, version: str | None = None) -> str:
-        """Turn ``None``/``"latest"``/an alias/a version into an existing version."""
+        """Turn ``None`` (the default: ``production`` if set, else the newest), ``"latest"``,
+        an alias or a version into an existing version."""
         validate_name(name)
         if version is not None and version != "latest":
             validate_name(version, "version or alias")
@@ -101,7 +103,10 @@ class ModelStore:
                 f"No model named {name!r} in {self.root}.",
                 hint=f"Models here: {', '.join(self.names()) or 'none'}.",
             )
-        if version is None or version == "latest":
+        if version is None:
+            default = self.aliases(name).get(DEFAULT_ALIAS)
+            return default if default in versions else versions[-1]
+        if version == "latest":
             return versions[-1]
         if version in versions:
             return version

@@ -1,0 +1,120 @@
+"""Stages (staging, production, archived), promotion and rollback, with an audit trail.
+
+The ``production`` alias is the default pointer: what ``store.resolve(name)`` and a
+server without a traffic policy use. Every change is appended to
+``<name>/history.jsonl`` (when, what, why) and never rewritten.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torchship.errors import InvalidInputError, VersionNotFoundError
+from torchship.rollout import HistoryLog
+from torchship.store._atomic import file_lock, read_json, write_json_atomic
+from torchship.store.store import DEFAULT_ALIAS, ModelStore
+
+Stage = Literal["staging", "production", "archived"]
+STAGES: tuple[Stage, ...] = ("staging", "production", "archived")
+STAGES_FILE = "stages.json"
+HISTORY_FILE = "history.jsonl"
+
+
+def history_log(store: ModelStore, name: str) -> HistoryLog:
+    return HistoryLog(store.root / name / HISTORY_FILE)
+
+
+def history(store: ModelStore, name: str) -> list[dict[str, Any]]:
+    store.resolve(name)  # validates the name, 404 if unknown
+    return history_log(store, name).read()
+
+
+def stages(store: ModelStore, name: str) -> dict[str, Stage]:
+    """Every version's stage; versions never promoted are ``staging``."""
+    recorded = read_json(store.root / name / STAGES_FILE, default={})
+    return {v: recorded.get(v, "staging") for v in store.versions(name)}
+
+
+def promote(
+    store: ModelStore, name: str, version: str, *, stage: Stage = "production", reason: str = ""
+) -> dict[str, Any]:
+    """Move ``version`` to ``stage``; to production means the default pointer moves too.
+
+    The version it replaces in production is archived. Returns the history record.
+    """
+    if stage not in STAGES:
+        raise InvalidInputError(f"Unknown stage {stage!r}; use one of {', '.join(STAGES)}.")
+    version = store.resolve(name, version)
+    with file_lock(store.root / name / ".stages.lock"):
+        current = stages(store, name)
+        previous = store.aliases(name).get(DEFAULT_ALIAS)
+        current[version] = stage
+        if stage == "production":
+            if previous and previous != version and previous in current:
+                current[previous] = "archived"
+            store.set_alias(name, DEFAULT_ALIAS, version)
+        elif previous == version:
+            store.remove_alias(name, DEFAULT_ALIAS)
+        write_json_atomic(store.root / name / STAGES_FILE, current)
+        record = {
+            "action": "promote",
+            "model": name,
+            "version": version,
+            "stage": stage,
+            "previous_production": previous,
+            "reason": reason,
+        }
+        history_log(store, name).append(record)
+    return record
+
+
+def rollback(
+    store: ModelStore, name: str, *, to: str | None = None, reason: str = ""
+) -> dict[str, Any]:
+    """Point production back at ``to``, or at the version production had before.
+
+    Returns the history record; raises when there is nothing to roll back to.
+    """
+    with file_lock(store.root / name / ".stages.lock"):
+        current = store.aliases(name).get(DEFAULT_ALIAS)
+        if to is not None:
+            target = store.resolve(name, to)
+        else:
+            found = _previous_production(history_log(store, name).read(), current)
+            if found is None or found not in store.versions(name):
+                raise VersionNotFoundError(
+                    f"{name} has no earlier production version to roll back to.",
+                    hint="Name one: torchship models rollback NAME --to VERSION.",
+                )
+            target = found
+        if target == current:
+            raise InvalidInputError(f"{name}:{target} is already in production.")
+        staged = stages(store, name)
+        staged[target] = "production"
+        if current in staged:
+            staged[current] = "archived"
+        store.set_alias(name, DEFAULT_ALIAS, target)
+        write_json_atomic(store.root / name / STAGES_FILE, staged)
+        record = {
+            "action": "rollback",
+            "model": name,
+            "from": current,
+            "to": target,
+            "reason": reason,
+        }
+        history_log(store, name).append(record)
+    return record
+
+
+def _previous_production(records: list[dict[str, Any]], current: str | None) -> str | None:
+    """The production version before ``current`` took over, from the newest record back."""
+    for record in reversed(records):
+        if (
+            record.get("action") == "promote"
+            and record.get("stage") == "production"
+            and record.get("version") == current
+        ):
+            return record.get("previous_production")
+        if record.get("action") == "rollback" and record.get("to") == current:
+            return record.get("from")
+    return None
