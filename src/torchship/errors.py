@@ -53,6 +53,13 @@ class VersionNotFoundError(ModelNotFoundError):
     code = "version_not_found"
 
 
+class ConflictError(TorchshipError):
+    """The change would break what is serving (e.g. unloading a version with traffic)."""
+
+    status_code = 409
+    code = "conflict"
+
+
 class VersionExistsError(TorchshipError):
     status_code = 409
     code = "version_exists"

@@ -8,9 +8,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Any
+from enum import Enum
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -27,6 +28,7 @@ from torchship.errors import (
 )
 from torchship.serving import payloads, protocols
 from torchship.serving.http import error_response, start_in_background
+from torchship.serving.management import Management
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
 from torchship.serving.payloads import IMAGE_FIELDS, Payload
 from torchship.serving.service import InferenceService
@@ -181,6 +183,13 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                state = scope.get("state") or {}
+                if state.get("version"):  # every answer says which version served it
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        (b"x-model-name", str(state["model"]).encode()),
+                        (b"x-model-version", str(state["version"]).encode()),
+                    ]
             await send(message)
 
         metrics.in_flight.inc()
@@ -295,7 +304,11 @@ def create_app(
     ) -> PredictionResponse:
         payload, body_top_k = await _read_payload(request)
         result = await service.apredict(
-            payload, model=model, version=version, top_k=top_k or body_top_k
+            payload,
+            model=model,
+            version=version,
+            top_k=top_k or body_top_k,
+            headers=request.headers,
         )
         _tag(request, result.model, result.version)
         return PredictionResponse.model_validate(result.to_dict())
@@ -332,7 +345,9 @@ def create_app(
     @app.post("/predictions/{name}/{version}", tags=["torchserve"], openapi_extra=PREDICT_BODY)
     async def predictions(request: Request, name: str, version: str | None = None) -> Any:
         payload, top_k = await _read_payload(request)
-        result = await service.apredict(payload, model=name, version=version, top_k=top_k)
+        result = await service.apredict(
+            payload, model=name, version=version, top_k=top_k, headers=request.headers
+        )
         _tag(request, result.model, result.version)
         return protocols.torchserve_body(result)
 
@@ -365,18 +380,112 @@ def create_app(
     @app.post("/v2/models/{name}/infer", tags=["v2"])
     @app.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"])
     async def v2_infer(request: Request, name: str, version: str | None = None) -> Response:
-        loaded = service.get(name, version)
-        _tag(request, loaded.name, loaded.version)
         body = await request.body()
         headers = {k.lower(): v for k, v in request.headers.items()}
-        v2_request, batch = await asyncio.to_thread(protocols.v2_decode, loaded, body, headers)
-        outputs = await service.ainfer_tensor(loaded, batch)
-        content, out_headers = protocols.v2_encode(loaded, v2_request, outputs)
+        with service.lease(name, version, headers) as (loaded, route):
+            _tag(request, loaded.name, loaded.version)
+            v2_request, batch = await asyncio.to_thread(protocols.v2_decode, loaded, body, headers)
+            outputs = await service.ainfer_tensor(loaded, batch, route)
+            content, out_headers = protocols.v2_encode(loaded, v2_request, outputs)
         return Response(content, headers=out_headers)
 
+    _management_routes(app, Management(service))
     app.add_middleware(MetricsMiddleware, service=service)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app
+
+
+class Reason(BaseModel):
+    reason: str = Field("", description="Recorded in the model's history.")
+
+
+class PromoteRequest(Reason):
+    version: str = Field(examples=["2"])
+
+
+class RollbackRequest(Reason):
+    to: str | None = Field(
+        None,
+        description="A version; default: undo the rollout in "
+        "progress, else the production version before this one.",
+    )
+
+
+POLICY_EXAMPLES = {
+    "canary": {
+        "summary": "canary 5% -> 25% -> 50% -> 100%, rolled back on SLO breach",
+        "value": {
+            "kind": "canary",
+            "baseline": "1",
+            "candidate": "2",
+            "steps": [5, 25, 50, 100],
+            "advance": "schedule",
+            "interval_s": 60,
+            "reason": "try v2",
+        },
+    },
+    "split": {
+        "summary": "sticky A/B split by X-User-ID",
+        "value": {"kind": "split", "weights": {"1": 0.5, "2": 0.5}},
+    },
+    "shadow": {
+        "summary": "mirror 20% to a candidate, never return its answers",
+        "value": {"kind": "shadow", "primary": "1", "candidate": "2", "fraction": 0.2},
+    },
+    "fixed": {"summary": "everything to one version", "value": {"kind": "fixed", "version": "1"}},
+}
+
+
+def _management_routes(app: FastAPI, m: Management) -> None:
+    """``/manage/...``: versions, load/unload, traffic policy, promote, rollback, history."""
+    tags: list[str | Enum] = ["management"]
+
+    @app.get("/manage/models", tags=tags)
+    async def manage_models() -> dict[str, Any]:
+        return m.overview()
+
+    @app.get("/manage/models/{name}", tags=tags)
+    async def manage_model(name: str) -> dict[str, Any]:
+        return m.model(name)
+
+    @app.get("/manage/models/{name}/versions", tags=tags)
+    async def manage_versions(name: str) -> dict[str, Any]:
+        return m.versions(name)
+
+    @app.post("/manage/models/{name}/versions/{version}/load", tags=tags)
+    async def manage_load(name: str, version: str) -> dict[str, Any]:
+        return await asyncio.to_thread(m.load, name, version)
+
+    @app.post("/manage/models/{name}/versions/{version}/unload", tags=tags)
+    async def manage_unload(name: str, version: str) -> dict[str, Any]:
+        return await asyncio.to_thread(m.unload, name, version)
+
+    @app.get("/manage/models/{name}/policy", tags=tags)
+    async def manage_policy(name: str) -> dict[str, Any]:
+        return m.policy(name)
+
+    @app.put("/manage/models/{name}/policy", tags=tags)
+    async def manage_set_policy(
+        name: str, body: Annotated[dict[str, Any], Body(openapi_examples=POLICY_EXAMPLES)]
+    ) -> dict[str, Any]:
+        return await asyncio.to_thread(m.set_policy, name, body)
+
+    @app.post("/manage/models/{name}/advance", tags=tags)
+    async def manage_advance(name: str, body: Reason | None = None) -> dict[str, Any]:
+        return m.advance(name, body.reason if body else "")
+
+    @app.post("/manage/models/{name}/promote", tags=tags)
+    async def manage_promote(name: str, body: PromoteRequest) -> dict[str, Any]:
+        return await asyncio.to_thread(m.promote, name, body.version, body.reason)
+
+    @app.post("/manage/models/{name}/rollback", tags=tags)
+    async def manage_rollback(name: str, body: RollbackRequest | None = None) -> dict[str, Any]:
+        body = body or RollbackRequest()
+        return await asyncio.to_thread(m.rollback, name, to=body.to, reason=body.reason)
+
+    @app.get("/manage/models/{name}/history", tags=tags)
+    async def manage_history(name: str) -> dict[str, Any]:
+        return m.history(name)
 
 
 def _tag(request: Request, model: str, version: str) -> None:

@@ -19,6 +19,7 @@ from torchship.errors import (
 )
 from torchship.serving import payloads, protocols
 from torchship.serving.http import dumps, error_response, start_in_background
+from torchship.serving.management import Management
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
 from torchship.serving.payloads import IMAGE_FIELDS, Payload
 from torchship.serving.service import InferenceService
@@ -86,6 +87,9 @@ def create_app(
             response.status_code,
             time.monotonic() - g.get("start", time.monotonic()),
         )
+        if g.get("version"):  # every answer says which version served it
+            response.headers["X-Model-Name"] = g.model
+            response.headers["X-Model-Version"] = g.version
         return response
 
     # --- torchship API -----------------------------------------------------------
@@ -110,6 +114,7 @@ def create_app(
             model=request.args.get("model"),
             version=request.args.get("version"),
             top_k=payloads.parse_top_k(request.args.get("top_k")) or top_k,
+            headers=dict(request.headers.items()),
         )
         g.model, g.version = result.model, result.version
         return _json(result.to_dict())
@@ -142,7 +147,9 @@ def create_app(
     @app.post("/predictions/<name>/<version>")
     def predictions(name: str, version: str | None = None) -> Response:
         payload, top_k = _read_payload()
-        result = service.predict(payload, model=name, version=version, top_k=top_k)
+        result = service.predict(
+            payload, model=name, version=version, top_k=top_k, headers=dict(request.headers.items())
+        )
         g.model, g.version = result.model, result.version
         return _json(protocols.torchserve_body(result))
 
@@ -175,15 +182,68 @@ def create_app(
     @app.post("/v2/models/<name>/infer")
     @app.post("/v2/models/<name>/versions/<version>/infer")
     def v2_infer(name: str, version: str | None = None) -> Response:
-        loaded = service.get(name, version)
-        g.model, g.version = loaded.name, loaded.version
         headers = {k.lower(): v for k, v in request.headers.items()}
-        v2_request, batch = protocols.v2_decode(loaded, request.get_data(cache=False), headers)
-        outputs = service.infer_tensor(loaded, batch)
-        content, out_headers = protocols.v2_encode(loaded, v2_request, outputs)
+        with service.lease(name, version, headers) as (loaded, route):
+            g.model, g.version = loaded.name, loaded.version
+            v2_request, batch = protocols.v2_decode(loaded, request.get_data(cache=False), headers)
+            outputs = service.infer_tensor(loaded, batch, route)
+            content, out_headers = protocols.v2_encode(loaded, v2_request, outputs)
         return Response(content, headers=out_headers)
 
+    _management_routes(app, Management(service))
     return app
+
+
+def _management_routes(app: Flask, m: Management) -> None:
+    """``/manage/...``: versions, load/unload, traffic policy, promote, rollback, history."""
+
+    def body() -> dict[str, Any]:
+        data = request.get_json(silent=True) if request.get_data() else {}
+        if data is None or not isinstance(data, dict):
+            raise InvalidInputError("The body must be a JSON object.")
+        return data
+
+    def reason() -> str:
+        return str(body().get("reason", ""))
+
+    app.get("/manage/models")(lambda: _json(m.overview()))
+    app.get("/manage/models/<name>", endpoint="manage_model")(lambda name: _json(m.model(name)))
+    app.get("/manage/models/<name>/versions", endpoint="manage_versions")(
+        lambda name: _json(m.versions(name))
+    )
+    app.post("/manage/models/<name>/versions/<version>/load", endpoint="manage_load")(
+        lambda name, version: _json(m.load(name, version))
+    )
+    app.post("/manage/models/<name>/versions/<version>/unload", endpoint="manage_unload")(
+        lambda name, version: _json(m.unload(name, version))
+    )
+    app.get("/manage/models/<name>/policy", endpoint="manage_policy")(
+        lambda name: _json(m.policy(name))
+    )
+    app.put("/manage/models/<name>/policy", endpoint="manage_set_policy")(
+        lambda name: _json(m.set_policy(name, body()))
+    )
+    app.post("/manage/models/<name>/advance", endpoint="manage_advance")(
+        lambda name: _json(m.advance(name, reason()))
+    )
+    app.get("/manage/models/<name>/history", endpoint="manage_history")(
+        lambda name: _json(m.history(name))
+    )
+
+    @app.post("/manage/models/<name>/promote", endpoint="manage_promote")
+    def promote(name: str) -> Response:
+        data = body()
+        if not isinstance(data.get("version"), str):
+            raise InvalidInputError("'version' (a string) is required.")
+        return _json(m.promote(name, data["version"], str(data.get("reason", ""))))
+
+    @app.post("/manage/models/<name>/rollback", endpoint="manage_rollback")
+    def rollback(name: str) -> Response:
+        data = body()
+        to = data.get("to")
+        if to is not None and not isinstance(to, str):
+            raise InvalidInputError("'to' must be a version string.")
+        return _json(m.rollback(name, to=to, reason=str(data.get("reason", ""))))
 
 
 def _read_payload() -> tuple[Payload, int | None]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import functools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 
 from torchship.batching import BatchScaling, DynamicBatcher, measure_batch_scaling
 from torchship.errors import (
+    ConflictError,
     InvalidInputError,
     ModelNotFoundError,
     ModelNotReadyError,
@@ -30,11 +33,13 @@ from torchship.errors import (
     TorchshipError,
     VersionNotFoundError,
 )
+from torchship.rollout import Route
 from torchship.runtime import Predictor, load_predictor, set_threads
 from torchship.serving.handlers import Handler, default_handler, load_handler
 from torchship.serving.metrics import ServiceMetrics
 from torchship.serving.payloads import Payload
 from torchship.serving.settings import ServeSettings
+from torchship.serving.traffic import Traffic
 from torchship.store import ModelStore, parse_ref, validate_name
 
 log = logging.getLogger("torchship.serving")
@@ -52,10 +57,34 @@ class LoadedModel:
     load_seconds: float
     scaling: BatchScaling | None = None
     ready: bool = False
+    _leases: int = 0
+    _idle: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def name(self) -> str:
         return self.predictor.name
+
+    def acquire(self) -> None:
+        with self._idle:
+            self._leases += 1
+
+    def release(self) -> None:
+        with self._idle:
+            self._leases -= 1
+            if self._leases == 0:
+                self._idle.notify_all()
+
+    def retire(self, timeout: float) -> None:
+        """After it left routing: let requests that already chose it finish, then stop.
+
+        Zero downtime: a request holds a lease from routing to response, so a swap
+        or unload never pulls the batcher from under it.
+        """
+        self.ready = False
+        with self._idle:
+            self._idle.wait_for(lambda: self._leases == 0, timeout)
+        self.batcher.stop(drain=True, timeout=timeout)
+        self.predictor.close()
 
     @property
     def version(self) -> str:
@@ -114,6 +143,8 @@ class InferenceService:
         self._lock = threading.Lock()
         self._started = False
         self.draining = False
+        self.traffic = Traffic(self.store)
+        self.load_errors: dict[str, str] = {}
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -125,8 +156,23 @@ class InferenceService:
         set_threads(threads)
         for ref in self.settings.models:
             self.load(ref, threads=threads)
+        for name in self._order:
+            self.traffic.attach(name, self._defaults[name], functools.partial(self._ensure, name))
+        self.traffic.start()
         self._started = True
         return self
+
+    def _ensure(self, name: str, version: str) -> bool:
+        """Load ``name:version`` if it is not loaded; False (and recorded) if it fails."""
+        if (name, version) in self._models:
+            return True
+        try:
+            self.load(f"{name}:{version}")
+        except Exception as exc:
+            self.load_errors[f"{name}:{version}"] = str(exc)
+            log.exception("could not load %s:%s", name, version)
+            return False
+        return True
 
     def load(
         self, ref: str, *, threads: int | None = None, handler: Handler | None = None
@@ -176,7 +222,7 @@ class InferenceService:
                 self._defaults[name] = version
                 self._order.append(name)
         if old is not None:
-            old.batcher.stop(drain=True)
+            old.retire(self.settings.graceful_timeout_s)
         self.metrics.load_seconds.labels(name, version).set(loaded.load_seconds)
         self.metrics.ready.labels(name, version).set(1)
         log.info(
@@ -190,16 +236,39 @@ class InferenceService:
         )
         return loaded
 
+    def unload(self, name: str, version: str) -> None:
+        """Stop serving one version: out of routing first, then its queue drains."""
+        with self._lock:
+            loaded = self._models.get((name, version))
+            if loaded is None:
+                raise VersionNotFoundError(f"{name}:{version} is not loaded.")
+            others = [v for (n, v) in self._models if n == name and v != version]
+            if not others:
+                raise ConflictError(
+                    f"{name}:{version} is the only loaded version of {name}.",
+                    hint="Load another version first.",
+                )
+            del self._models[(name, version)]
+            if self._defaults[name] == version:
+                self._defaults[name] = others[0]
+        loaded.retire(self.settings.graceful_timeout_s)
+        self.metrics.ready.labels(name, version).set(0)
+
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; finish the queued ones when ``drain``."""
         self.draining = True
+        self.traffic.stop()
         with self._lock:
             models = list(self._models.values())
+        limit = timeout or self.settings.graceful_timeout_s
         for m in models:
-            m.ready = False
-            m.batcher.stop(drain=drain, timeout=timeout or self.settings.graceful_timeout_s)
+            if drain:
+                m.retire(limit)
+            else:
+                m.ready = False
+                m.batcher.stop(drain=False, timeout=limit)
+                m.predictor.close()
             self.metrics.ready.labels(m.name, m.version).set(0)
-            m.predictor.close()
 
     # --- lookup ---------------------------------------------------------------------
 
@@ -214,8 +283,13 @@ class InferenceService:
         with self._lock:
             return [v for (n, v) in self._models if n == name]
 
-    def get(self, name: str | None = None, version: str | None = None) -> LoadedModel:
-        """Resolve a request's model and version (aliases via the store) to a loaded one."""
+    def get(
+        self, name: str | None = None, version: str | None = None, *, lease: bool = False
+    ) -> LoadedModel:
+        """Resolve a request's model and version (aliases via the store) to a loaded one.
+
+        With ``lease`` the caller must ``release()`` it when the request is done.
+        """
         if name is not None:
             validate_name(name)
         if version is not None:
@@ -241,8 +315,10 @@ class InferenceService:
                     f"Model {name!r} has no served version {version!r}.",
                     hint=f"Served versions: {', '.join(served)}.",
                 )
-        if not loaded.ready or self.draining:
-            raise ModelNotReadyError(f"{name}:{loaded.version} is not ready.", retry_after=1.0)
+            if not loaded.ready or self.draining:
+                raise ModelNotReadyError(f"{name}:{loaded.version} is not ready.", retry_after=1.0)
+            if lease:
+                loaded.acquire()
         return loaded
 
     def _resolve_alias(self, name: str, alias: str) -> str | None:
@@ -257,6 +333,29 @@ class InferenceService:
 
     # --- inference ------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def lease(
+        self,
+        name: str | None,
+        version: str | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Iterator[tuple[LoadedModel, Route | None]]:
+        """The loaded version for one request, held until the request is done: pinned if
+        it names one, else chosen by the model's traffic policy (fixed, split, canary,
+        shadow)."""
+        route = None
+        if version is None:
+            if name is None:
+                name = self._order[0] if self._order else None
+            else:
+                validate_name(name)
+            route = self.traffic.route(name, headers) if name else None
+        loaded = self.get(name, route.version if route else version, lease=True)
+        try:
+            yield loaded, route
+        finally:
+            loaded.release()
+
     def predict(
         self,
         payload: Payload,
@@ -264,12 +363,16 @@ class InferenceService:
         model: str | None = None,
         version: str | None = None,
         top_k: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Prediction:
         """Blocking path (Flask/gunicorn threads)."""
         start = time.monotonic()
-        loaded = self.get(model, version)
-        batch = loaded.handler.preprocess(payload)
-        return self._finish(loaded, self._run_items(loaded, batch), top_k, start)
+        with self.lease(model, version, headers) as (loaded, route):
+            with self._observed(loaded, route, start):
+                batch = loaded.handler.preprocess(payload)
+                outputs = self._run_items(loaded, batch)
+            self._mirror(loaded, route, batch, outputs)
+            return self._finish(loaded, outputs, top_k, start)
 
     async def apredict(
         self,
@@ -278,18 +381,94 @@ class InferenceService:
         model: str | None = None,
         version: str | None = None,
         top_k: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Prediction:
         """Async path (FastAPI): decoding in a worker thread, inference on the batcher's."""
         start = time.monotonic()
-        loaded = self.get(model, version)
-        batch = await asyncio.to_thread(loaded.handler.preprocess, payload)
-        return self._finish(loaded, await self._arun_items(loaded, batch), top_k, start)
+        with self.lease(model, version, headers) as (loaded, route):
+            with self._observed(loaded, route, start):
+                batch = await asyncio.to_thread(loaded.handler.preprocess, payload)
+                outputs = await self._arun_items(loaded, batch)
+            self._mirror(loaded, route, batch, outputs)
+            return self._finish(loaded, outputs, top_k, start)
 
-    def infer_tensor(self, loaded: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
-        return torch.stack(self._run_items(loaded, batch))
+    def infer_tensor(
+        self, loaded: LoadedModel, batch: torch.Tensor, route: Route | None = None
+    ) -> torch.Tensor:
+        with self._observed(loaded, route, time.monotonic()):
+            outputs = self._run_items(loaded, batch)
+        self._mirror(loaded, route, batch, outputs)
+        return torch.stack(outputs)
 
-    async def ainfer_tensor(self, loaded: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
-        return torch.stack(await self._arun_items(loaded, batch))
+    async def ainfer_tensor(
+        self, loaded: LoadedModel, batch: torch.Tensor, route: Route | None = None
+    ) -> torch.Tensor:
+        with self._observed(loaded, route, time.monotonic()):
+            outputs = await self._arun_items(loaded, batch)
+        self._mirror(loaded, route, batch, outputs)
+        return torch.stack(outputs)
+
+    @contextlib.contextmanager
+    def _observed(self, loaded: LoadedModel, route: Route | None, start: float) -> Iterator[None]:
+        """Feed a routed request's outcome to its policy's SLO guard; count server errors.
+
+        Client errors (4xx) say nothing about the version and are not counted.
+        """
+        router = self.traffic.router(loaded.name) if route is not None else None
+        try:
+            yield
+        except Exception as exc:
+            status = exc.status_code if isinstance(exc, TorchshipError) else 500
+            if status >= 500:
+                self.metrics.errors.labels(loaded.name, loaded.version, type(exc).__name__).inc()
+                if router is not None:
+                    router.observe(loaded.version, False, time.monotonic() - start)
+            raise
+        if router is not None:
+            router.observe(loaded.version, True, time.monotonic() - start)
+
+    def _mirror(
+        self,
+        loaded: LoadedModel,
+        route: Route | None,
+        batch: torch.Tensor,
+        outputs: Sequence[torch.Tensor],
+    ) -> None:
+        """Shadow traffic: run the same inputs on the candidate in the background, compare
+        its top-1 with what was served, never return it, never slow or fail the request."""
+        if route is None or route.shadow is None:
+            return
+        router = self.traffic.router(loaded.name)
+        try:
+            shadow = self.get(loaded.name, route.shadow)
+        except TorchshipError:
+            return
+        served = torch.stack(list(outputs)).argmax(-1)
+        futures: list[concurrent.futures.Future[torch.Tensor]] = []
+        try:
+            for item in _items(batch):
+                futures.append(shadow.batcher.submit_future(item))
+        except TorchshipError:  # shadow queue full: skip, the primary matters
+            for f in futures:
+                f.cancel()
+            return
+        pending = [len(futures)]
+        lock = threading.Lock()
+
+        def compare(_: concurrent.futures.Future[torch.Tensor]) -> None:
+            with lock:
+                pending[0] -= 1
+                if pending[0]:
+                    return
+            try:
+                agree = torch.equal(torch.stack([f.result() for f in futures]).argmax(-1), served)
+            except Exception:
+                agree = False
+            if router is not None:
+                router.observe_shadow(agree)
+
+        for f in futures:
+            f.add_done_callback(compare)
 
     def _run_items(self, loaded: LoadedModel, batch: torch.Tensor) -> list[torch.Tensor]:
         """Queue every item of one request, then wait for all under one deadline."""

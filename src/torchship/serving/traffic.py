@@ -1,0 +1,116 @@
+"""Which loaded version answers a request: one rollout ``Router`` per served model.
+
+Policies (fixed, A/B split, canary, shadow) live in :mod:`torchship.rollout`; this module
+attaches them to a running service: it restores the persisted policy at start-up, feeds
+each routed request's outcome back for the SLO guard, ticks canaries on a background
+thread, and records every change in the model's history next to its versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+
+from torchship.rollout import (
+    FixedPolicy,
+    HistoryLog,
+    PolicyFile,
+    RolloutEvent,
+    Route,
+    Router,
+    recorder,
+)
+from torchship.store import ModelStore
+from torchship.store.stages import HISTORY_FILE
+
+log = logging.getLogger("torchship.rollout")
+
+POLICY_FILE = "policy.json"
+
+
+class Traffic:
+    def __init__(self, store: ModelStore, *, tick_interval_s: float = 0.5) -> None:
+        self.store = store
+        self.tick_interval_s = tick_interval_s
+        self._routers: dict[str, Router] = {}
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def attach(self, name: str, default: str, ensure_loaded: Callable[[str], bool]) -> Router:
+        """Restore ``name``'s persisted policy if every version in it can be loaded,
+        else route everything to ``default``."""
+        folder = self.store.root / name
+        policy_file = PolicyFile(folder / POLICY_FILE)
+        history = HistoryLog(folder / HISTORY_FILE)
+        record = policy_file.load()
+        persist = recorder(policy_file=policy_file, history=history)
+
+        def on_event(event: RolloutEvent) -> None:
+            log.warning(
+                "%s rollout %s: %s -> %s (%s)",
+                name,
+                event.kind,
+                event.from_policy.kind,
+                event.to_policy.kind,
+                event.reason,
+            )
+            persist(event)
+
+        if record is not None and all(ensure_loaded(v) for v in record.policy.versions()):
+            router = Router.from_record(record, on_event=on_event)
+            log.info("%s: restored %s policy from %s", name, record.policy.kind, policy_file.path)
+        else:
+            if record is not None:
+                log.error(
+                    "%s: persisted policy names a version that cannot load; serving %s only",
+                    name,
+                    default,
+                )
+            router = Router(name, FixedPolicy(version=default), on_event=on_event)
+        self._routers[name] = router
+        return router
+
+    def router(self, name: str) -> Router | None:
+        return self._routers.get(name)
+
+    def route(self, name: str, headers: Mapping[str, str] | None) -> Route | None:
+        router = self._routers.get(name)
+        if router is None:
+            return None
+        header = router.sticky_header
+        key = _header(headers, header) if header else None
+        return router.route(key)
+
+    def tick(self) -> list[RolloutEvent]:
+        events: list[RolloutEvent] = []
+        for router in list(self._routers.values()):
+            try:
+                events += router.tick()
+            except Exception:
+                log.exception("rollout tick failed for %s", router.model)
+        return events
+
+    def start(self) -> None:
+        if self._ticker is None:
+            self._ticker = threading.Thread(target=self._run, name="torchship-rollout", daemon=True)
+            self._ticker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_interval_s):
+            self.tick()
+
+
+def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    if not headers:
+        return None
+    lowered = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lowered:
+            return value
+    return None
