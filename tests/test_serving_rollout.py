@@ -13,10 +13,9 @@ import pytest
 import requests
 import torch
 from fastapi.testclient import TestClient
-
 from serving_utils import SAMPLE, run_server
-from torchship.serving import InferenceService, ServeSettings
-from torchship.serving import fastapi_app, flask_app
+
+from torchship.serving import InferenceService, ServeSettings, fastapi_app, flask_app
 from torchship.store import ModelStore
 from torchship.zoo import digits
 from torchship.zoo.faulty import FaultyDigits
