@@ -243,7 +243,7 @@ def test_promote_rollback_unload_through_the_api(served: tuple[InferenceService,
 def test_a_version_that_fails_to_load_never_takes_traffic(
     served: tuple[InferenceService, Client], rollout_store: Path
 ) -> None:
-    service, client = served
+    _, client = served
     weights = rollout_store / "digits" / "2" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
     status, body, _ = client.call("post", "/manage/models/digits/versions/2/load")
