@@ -24,6 +24,9 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, s
         headers: dict[str, str] = {}
         if isinstance(exc, ServiceUnavailableError):
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        if "version" in exc.details and "model" in exc.details:
+            headers["X-Model-Name"] = str(exc.details["model"])
+            headers["X-Model-Version"] = str(exc.details["version"])
         return exc.status_code, exc.to_dict(), headers
     log.error("unhandled error while serving a request", exc_info=exc)
     return 500, {"error": "Internal server error.", "code": "internal_error"}, {}

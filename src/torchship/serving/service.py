@@ -26,6 +26,7 @@ from torchship.batching import BatchScaling, DynamicBatcher, measure_batch_scali
 from torchship.errors import (
     ConflictError,
     InvalidInputError,
+    ModelLoadError,
     ModelNotFoundError,
     ModelNotReadyError,
     RequestTimeoutError,
@@ -180,25 +181,34 @@ class InferenceService:
         s = self.settings
         start = time.monotonic()
         runtime, max_batch_size, max_delay_ms = s.options_for(parse_ref(ref)[0])
-        predictor = load_predictor(
-            self.store,
-            ref,
-            runtime=runtime,
-            device=s.device,
-            threads=threads or s.threads_per_worker(),
-            trust_pickle=s.trust_pickle,
-            warmup=s.warmup,
-        )
-        if handler is None:
-            custom = s.handlers.get(predictor.name)
-            handler = load_handler(custom) if custom else default_handler(predictor)
-        handler.setup(predictor, max_image_pixels=s.max_image_pixels)
-        scaling = None
-        if max_batch_size == "auto":
-            scaling = _measure_scaling(predictor) if s.warmup else None
-            max_batch = scaling.chosen if scaling else 8
-        else:
-            max_batch = max_batch_size
+        try:
+            predictor = load_predictor(
+                self.store,
+                ref,
+                runtime=runtime,
+                device=s.device,
+                threads=threads or s.threads_per_worker(),
+                trust_pickle=s.trust_pickle,
+                warmup=s.warmup,
+            )
+            if handler is None:
+                custom = s.handlers.get(predictor.name)
+                handler = load_handler(custom) if custom else default_handler(predictor)
+            handler.setup(predictor, max_image_pixels=s.max_image_pixels)
+            scaling = None
+            if max_batch_size == "auto":
+                scaling = _measure_scaling(predictor) if s.warmup else None
+                max_batch = scaling.chosen if scaling else 8
+            else:
+                max_batch = max_batch_size
+        except TorchshipError:
+            raise
+        except Exception as exc:  # the model itself failed: it never takes traffic
+            log.exception("%s failed to load or warm up", ref)
+            raise ModelLoadError(
+                f"{ref} failed to load or warm up: {type(exc).__name__}: {exc}",
+                hint="It was not put into service; fix the model and load it again.",
+            ) from exc
         name, version = predictor.name, predictor.version
 
         def run_batch(items: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -418,6 +428,9 @@ class InferenceService:
         try:
             yield
         except Exception as exc:
+            if isinstance(exc, TorchshipError):  # errors say which version answered, too
+                exc.details.setdefault("model", loaded.name)
+                exc.details.setdefault("version", loaded.version)
             status = exc.status_code if isinstance(exc, TorchshipError) else 500
             if status >= 500:
                 self.metrics.errors.labels(loaded.name, loaded.version, type(exc).__name__).inc()

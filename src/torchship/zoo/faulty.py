@@ -15,7 +15,11 @@ from torchship.zoo.digits import DigitsMLP
 
 
 class FaultyDigits(DigitsMLP):
-    """``fail_rate``: share of forward calls that raise; ``delay_ms``: added latency."""
+    """``fail_rate``: share of forward calls that raise; ``delay_ms``: added latency.
+
+    The first ``healthy_calls`` forward passes always succeed, so it passes a warm-up
+    and fails only under traffic, like a bug that needs production load to show.
+    """
 
     def __init__(
         self,
@@ -25,9 +29,19 @@ class FaultyDigits(DigitsMLP):
         fail_rate: float = 0.5,
         delay_ms: float = 0.0,
         seed: int = 0,
+        healthy_calls: int = 0,
     ) -> None:
         super().__init__(hidden=hidden, layers=layers, dropout=dropout)
-        self.init_kwargs.update({"fail_rate": fail_rate, "delay_ms": delay_ms, "seed": seed})
+        self.init_kwargs.update(
+            {
+                "fail_rate": fail_rate,
+                "delay_ms": delay_ms,
+                "seed": seed,
+                "healthy_calls": healthy_calls,
+            }
+        )
+        self.healthy_calls = healthy_calls
+        self._calls = 0
         self.fail_rate = fail_rate
         self.delay_ms = delay_ms
         self._rng = torch.Generator().manual_seed(seed)
@@ -35,6 +49,9 @@ class FaultyDigits(DigitsMLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.delay_ms:
             time.sleep(self.delay_ms / 1000)
+        self._calls += 1
+        if self._calls <= self.healthy_calls:
+            return super().forward(x)
         if self.fail_rate and float(torch.rand(1, generator=self._rng)) < self.fail_rate:
             raise RuntimeError("FaultyDigits failed on purpose (a simulated production bug)")
         return super().forward(x)
