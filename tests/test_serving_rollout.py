@@ -315,3 +315,16 @@ def test_swaps_under_real_concurrent_load_drop_nothing(rollout_store: Path) -> N
         assert {code for code, _, _ in results} == {200}, Counter(code for code, _, _ in results)
         assert all(header == body for _, header, body in results), "a response mixed two versions"
         assert {v for _, v, _ in results} == {"1", "2"}
+
+
+def test_a_version_that_fails_warm_up_is_refused(rollout_store: Path) -> None:
+    from torchship.errors import ModelLoadError
+
+    service = InferenceService(_settings(rollout_store, warmup=True)).start()
+    try:
+        with pytest.raises(ModelLoadError, match="failed to load or warm up"):
+            service.load("digits:3")  # FaultyDigits(fail_rate=1.0) fails its first batch
+        assert service.versions("digits") == ["1"]
+        assert service.readiness()[0]
+    finally:
+        service.stop()
