@@ -28,7 +28,12 @@ EXPECT = {
         "torchship imported: False",
     ],
     "03_onnx_export.py": ["max |onnxruntime - eager|", "nothing is stored", "runtime auto picked"],
-    "07_model_versioning.py": ["A/B results", "rollback: SLO breach", "production is now v1", "server stopped (exit 0)"],
+    "07_model_versioning.py": [
+        "A/B results",
+        "rollback: SLO breach",
+        "production is now v1",
+        "server stopped (exit 0)",
+    ],
 }
 
 

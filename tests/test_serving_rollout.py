@@ -328,3 +328,26 @@ def test_a_version_that_fails_warm_up_is_refused(rollout_store: Path) -> None:
         assert service.readiness()[0]
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "flask"])
+def test_management_api_on_its_own_port(rollout_store: Path, framework: str) -> None:
+    from serving_utils import free_port
+
+    mport = free_port()
+    with run_server(
+        rollout_store,
+        "--model",
+        "digits:1",
+        "--runtime",
+        "eager",
+        "--management-port",
+        str(mport),
+        framework=framework,
+    ) as (base, _):
+        manage = f"http://127.0.0.1:{mport}"
+        assert requests.get(f"{manage}/manage/models", timeout=10).status_code == 200
+        assert requests.get(f"{base}/manage/models", timeout=10).status_code == 404
+        assert requests.post(f"{manage}/predict", json=ONE, timeout=10).status_code == 404
+        assert requests.post(f"{base}/predict", json=ONE, timeout=10).status_code == 200
+        assert requests.get(f"{manage}/health/ready", timeout=10).status_code == 200

@@ -38,6 +38,7 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--framework", choices=["fastapi", "flask"])
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int)
+    p.add_argument("--management-port", type=int, help="serve /manage/* only on this port")
     p.add_argument("--workers", type=_workers, help="worker processes, or 'auto'")
     p.add_argument("--threads", type=int, help="intra-op threads per worker")
     p.add_argument("--runtime", choices=["auto", "eager", "torchscript", "onnx"])
@@ -70,6 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "framework",
             "host",
             "port",
+            "management_port",
             "workers",
             "threads",
             "runtime",

@@ -27,7 +27,7 @@ from torchship.errors import (
     TorchshipError,
 )
 from torchship.serving import payloads, protocols
-from torchship.serving.http import error_response, start_in_background
+from torchship.serving.http import error_response, port_refuses, start_in_background
 from torchship.serving.management import Management
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
 from torchship.serving.payloads import IMAGE_FIELDS, Payload
@@ -162,6 +162,24 @@ async def _send_error(send: Send, exc: BaseException) -> None:
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+class PortGateMiddleware:
+    """With a management port: /manage/* only there, inference routes only elsewhere."""
+
+    def __init__(self, app: ASGIApp, management_port: int | None) -> None:
+        self.app = app
+        self.management_port = management_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            server = scope.get("server") or (None, None)
+            if port_refuses(scope["path"], server[1], self.management_port):
+                await _send_error(
+                    send, RouteNotFoundError(f"No route {scope['path']} on this port.")
+                )
+                return
+        await self.app(scope, receive, send)
 
 
 class MetricsMiddleware:
@@ -392,6 +410,7 @@ def create_app(
     _management_routes(app, Management(service))
     app.add_middleware(MetricsMiddleware, service=service)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(PortGateMiddleware, management_port=settings.management_port)
     return app
 
 

@@ -18,7 +18,7 @@ from torchship.errors import (
     TorchshipError,
 )
 from torchship.serving import payloads, protocols
-from torchship.serving.http import dumps, error_response, start_in_background
+from torchship.serving.http import dumps, error_response, port_refuses, start_in_background
 from torchship.serving.management import Management
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
 from torchship.serving.payloads import IMAGE_FIELDS, Payload
@@ -67,6 +67,12 @@ def create_app(
                 exc = mapped
         status, body, headers = error_response(exc)
         return _json(body, status, headers)
+
+    @app.before_request
+    def _port_gate() -> None:
+        port = request.environ.get("SERVER_PORT")
+        if port_refuses(request.path, int(port) if port else None, settings.management_port):
+            raise RouteNotFoundError(f"No route {request.path} on this port.")
 
     @app.before_request
     def _start_timer() -> None:
@@ -280,7 +286,10 @@ def serve_gunicorn(settings: ServeSettings, workers: int) -> None:
 
     class _App(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
-            self.cfg.set("bind", f"{settings.host}:{settings.port}")
+            binds = [f"{settings.host}:{settings.port}"]
+            if settings.management_port:
+                binds.append(f"{settings.host}:{settings.management_port}")
+            self.cfg.set("bind", binds)
             self.cfg.set("workers", workers)
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("threads", 8)

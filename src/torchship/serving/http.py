@@ -48,3 +48,17 @@ def start_in_background(service: InferenceService) -> threading.Thread:
     thread = threading.Thread(target=run, name="torchship-loader", daemon=True)
     thread.start()
     return thread
+
+
+MANAGEMENT_PREFIX = "/manage"
+_SHARED = ("/health/", "/metrics")
+
+
+def port_refuses(path: str, port: int | None, management_port: int | None) -> bool:
+    """True when ``path`` must not be answered on ``port``: with a management port set,
+    management routes live only there and inference routes only elsewhere (health and
+    metrics answer on both)."""
+    if management_port is None or port is None or path.startswith(_SHARED):
+        return False
+    is_management = path == MANAGEMENT_PREFIX or path.startswith(MANAGEMENT_PREFIX + "/")
+    return is_management != (port == management_port)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,9 +76,19 @@ def _uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
     }
 
 
+def _sockets(config: uvicorn.Config, settings: ServeSettings) -> list[socket.socket]:
+    """The main listening socket, plus the management port's when one is set."""
+    sockets = [config.bind_socket()]
+    if settings.management_port:
+        extra = uvicorn.Config(config.app, host=settings.host, port=settings.management_port)
+        sockets.append(extra.bind_socket())
+    return sockets
+
+
 def run_fastapi(app: Any, settings: ServeSettings) -> None:
     """Serve one FastAPI app in this process until SIGINT/SIGTERM, then drain and return."""
-    _Server(uvicorn.Config(app, **_uvicorn_options(settings))).run()
+    config = uvicorn.Config(app, **_uvicorn_options(settings))
+    _Server(config).run(sockets=_sockets(config, settings))
 
 
 def _serve_uvicorn(settings: ServeSettings, workers: int) -> None:
@@ -95,4 +106,4 @@ def _serve_uvicorn(settings: ServeSettings, workers: int) -> None:
         workers=workers,
         **_uvicorn_options(settings),
     )
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    Multiprocess(config, sockets=_sockets(config, settings)).run()

@@ -47,6 +47,13 @@ class ServeSettings(Settings):
     framework: Literal["fastapi", "flask"] = Field("fastapi", description="HTTP front end.")
     host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
     port: int = Field(8000, ge=0, le=65535)
+    management_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve /manage/* only on this port (and nothing else there but health "
+        "and metrics); None: /manage/* on the main port.",
+    )
     workers: int | Literal["auto"] = Field(
         1, description="Worker processes, each with its own model; 'auto' = one per core."
     )

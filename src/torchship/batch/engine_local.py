@@ -1,0 +1,103 @@
+"""The local engine: a ``torch.utils.data.DataLoader`` feeding one model in this process.
+
+Worker processes read and preprocess items (``InferenceDataset``) and collate them into
+batches, ``prefetch_factor`` batches ahead each, while the main process runs the model
+on the previous batch; on CUDA the batches are pinned by the loader so the predictor's
+host-to-device copies are asynchronous. Rows come back in input order (the loader's
+``in_order``) and are committed every ``chunk_size`` rows or ``commit_interval_s``
+seconds, whichever comes first.
+
+Threads: each loader worker runs with one torch thread (``worker_init_fn``), and the
+model gets the cores the workers leave (see :func:`plan_threads`); otherwise workers'
+and model's thread pools fight over the same cores and both slow down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from torchship.batch.dataset import InferenceDataset, collate, predict_rows
+from torchship.batch.progress import Progress
+from torchship.batch.writers import Committer
+from torchship.runtime import Predictor
+
+logger = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (CPU affinity / cgroup where visible)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def plan_threads(num_workers: int, cores: int | None = None) -> int:
+    """Model threads when ``num_workers`` loader processes share the machine.
+
+    Workers are mostly busy decoding while the model computes, so each is given one
+    core: the model gets ``cores - num_workers``, at least one.
+    """
+    cores = cores or available_cores()
+    return max(1, cores - num_workers)
+
+
+def worker_init(_worker_id: int) -> None:
+    """Loader workers decode with NumPy/Pillow; one torch thread each is plenty."""
+    torch.set_num_threads(1)
+
+
+@dataclass
+class EngineRun:
+    items: int = 0
+    failures: int = 0
+    seconds: float = 0.0  # the inference loop
+    startup: float = 0.0  # model loading and planning, before the loop
+
+
+def run_local(
+    dataset: InferenceDataset,
+    predictor: Predictor,
+    committer: Committer,
+    *,
+    batch_size: int,
+    num_workers: int,
+    top_k: int,
+    progress: Progress,
+    prefetch_factor: int = 2,
+    amp: bool = False,
+) -> EngineRun:
+    """Run every item of ``dataset`` through ``predictor``; hand the rows, in input order,
+    to ``committer``, which makes them durable in chunks."""
+    cuda = predictor.device.type == "cuda"
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=cuda,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        worker_init_fn=worker_init if num_workers > 0 else None,
+        in_order=True,
+    )
+    result = EngineRun()
+    start = time.monotonic()
+    try:
+        for batch in loader:
+            rows = predict_rows(predictor, batch, top_k=top_k, amp=amp)
+            committer.add(rows)
+            result.items += len(rows)
+            result.failures += sum(r.status != "ok" for r in rows)
+            progress.advance(len(rows))
+    finally:
+        # Ctrl-C or an error: what was computed is complete, so keep it.
+        committer.flush()
+        result.seconds = time.monotonic() - start
+    return result
