@@ -351,3 +351,19 @@ def test_management_api_on_its_own_port(rollout_store: Path, framework: str) -> 
         assert requests.post(f"{manage}/predict", json=ONE, timeout=10).status_code == 404
         assert requests.post(f"{base}/predict", json=ONE, timeout=10).status_code == 200
         assert requests.get(f"{manage}/health/ready", timeout=10).status_code == 200
+
+
+def test_worker_processes_adopt_each_others_policies(rollout_store: Path) -> None:
+    """Two services on one store stand for two worker processes of one server."""
+    a = InferenceService(_settings(rollout_store)).start()
+    b = InferenceService(_settings(rollout_store)).start()
+    try:
+        a.load("digits:2")
+        a.traffic.router("digits").set_policy({"kind": "split", "weights": {"1": 1, "2": 1}})  # type: ignore[union-attr]
+        b.traffic.sync()  # the ticker does this every tick_interval_s
+        router = b.traffic.router("digits")
+        assert router is not None and router.policy.kind == "split"
+        assert set(b.versions("digits")) == {"1", "2"}  # b loaded what the policy needs
+    finally:
+        a.stop()
+        b.stop()

@@ -34,6 +34,7 @@ class Traffic:
         self.store = store
         self.tick_interval_s = tick_interval_s
         self._routers: dict[str, Router] = {}
+        self._files: dict[str, tuple[PolicyFile, Callable[[str], bool]]] = {}
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 
@@ -69,7 +70,27 @@ class Traffic:
                 )
             router = Router(name, FixedPolicy(version=default), on_event=on_event)
         self._routers[name] = router
+        self._files[name] = (policy_file, ensure_loaded)
         return router
+
+    def sync(self) -> None:
+        """Adopt policies other worker processes wrote (a policy set through one worker's
+        management API, or an automatic rollback one of them decided), loading the
+        versions they name first."""
+        for name, (policy_file, ensure_loaded) in list(self._files.items()):
+            try:
+                record = policy_file.load_if_changed()
+                if record is None:
+                    continue
+                if all(ensure_loaded(v) for v in record.policy.versions()):
+                    self._routers[name].restore(record)
+                    log.info(
+                        "%s: adopted a %s policy written by another process",
+                        name,
+                        record.policy.kind,
+                    )
+            except Exception:
+                log.exception("could not sync the traffic policy of %s", name)
 
     def router(self, name: str) -> Router | None:
         return self._routers.get(name)
@@ -103,6 +124,7 @@ class Traffic:
 
     def _run(self) -> None:
         while not self._stop.wait(self.tick_interval_s):
+            self.sync()
             self.tick()
 
 
