@@ -367,3 +367,29 @@ def test_worker_processes_adopt_each_others_policies(rollout_store: Path) -> Non
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_rollback_to_a_broken_version_changes_nothing(
+    served: tuple[InferenceService, Client], rollout_store: Path
+) -> None:
+    service, client = served
+    assert client.call("post", "/manage/models/digits/promote", {"version": "2"})[0] == 200
+    weights = rollout_store / "digits" / "1" / "weights.safetensors"
+    service.unload("digits", "1")
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    before = (
+        service.store.aliases("digits"),
+        len(service.store.root.joinpath("digits", "history.jsonl").read_text().splitlines()),
+    )
+    status, body, _ = client.call(
+        "post", "/manage/models/digits/rollback", {"to": "1", "reason": "try"}
+    )
+    assert status == 409 and body["code"] == "integrity_error"
+    after = (
+        service.store.aliases("digits"),
+        len(service.store.root.joinpath("digits", "history.jsonl").read_text().splitlines()),
+    )
+    assert after == before
+    assert client.call("post", "/predict", ONE)[1]["version"] == "2"
+    status, body, _ = client.call("put", "/manage/models/digits/policy", {"policy": "fixed"})
+    assert status == 400

@@ -167,10 +167,21 @@ def test_malicious_pickle_is_refused_and_never_executed(
     _save_mlp(store, quick_mlp, digits_data, format="whole")
     vdir = store.path("digits", "1")
     (vdir / "model.pt").write_bytes(evil.read_bytes())
-    store.update_manifest("digits:1", lambda m: m.files.pop("model.pt"))  # attacker fixes checksums
+    with pytest.raises(IntegrityError):  # the swap breaks the recorded checksum
+        store.load("digits")
+    from torchship.store._atomic import sha256_file
+    from torchship.store.manifest import FileEntry
+
+    def forge(m):  # type: ignore[no-untyped-def]  # an attacker who also rewrites the manifest
+        m.files["model.pt"] = FileEntry(sha256=sha256_file(vdir / "model.pt"), size=1)
+
+    store.update_manifest("digits:1", forge)
     with pytest.raises(UntrustedPickleError):
         store.load("digits")
     assert not marker.exists(), "the malicious pickle was executed"
+    store.update_manifest("digits:1", lambda m: m.files.pop("model.pt"))
+    with pytest.raises(IntegrityError, match="not covered by the manifest's checksums"):
+        store.load("digits")
 
 
 def test_architecture_must_be_an_nn_module(store, quick_mlp, digits_data) -> None:
@@ -290,3 +301,35 @@ def test_stages_promote_rollback_and_history(store, quick_mlp, digits_data) -> N
     assert all("at" in r for r in log)
     with pytest.raises(InvalidInputError):
         stages.rollback(store, "digits", to="3")
+
+
+def test_manifests_cannot_point_outside_their_folder(
+    store, quick_mlp, digits_data, tmp_path
+) -> None:
+    _save_mlp(store, quick_mlp, digits_data)
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((store.path("digits", "1") / "weights.safetensors").read_bytes())
+
+    def escape(m):  # type: ignore[no-untyped-def]
+        m.artifacts["weights"].file = str(outside)
+
+    with pytest.raises(InvalidNameError):
+        store.update_manifest("digits:1", escape)
+        store.load("digits")
+
+
+def test_reserved_file_names_are_not_versions(store, quick_mlp) -> None:
+    for bad in ("aliases.json", "policy.json", "history.jsonl", "stages.json"):
+        with pytest.raises(InvalidNameError):
+            store.save(quick_mlp, "digits", version=bad)
+
+
+def test_stage_operations_validate_names_before_touching_disk(store) -> None:
+    from torchship.store import stages
+
+    with pytest.raises(InvalidNameError):
+        stages.rollback(store, "../escaped")
+    with pytest.raises(ModelNotFoundError):
+        stages.rollback(store, "ghost")
+    assert not (store.root.parent / "escaped").exists()
+    assert store.names() == []

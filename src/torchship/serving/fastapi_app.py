@@ -402,7 +402,9 @@ def create_app(
         headers = {k.lower(): v for k, v in request.headers.items()}
         with service.lease(name, version, headers) as (loaded, route):
             _tag(request, loaded.name, loaded.version)
-            v2_request, batch = await asyncio.to_thread(protocols.v2_decode, loaded, body, headers)
+            v2_request, batch = await asyncio.to_thread(
+                protocols.v2_decode, loaded, body, headers, max_items=settings.max_queue_size
+            )
             outputs = await service.ainfer_tensor(loaded, batch, route)
             content, out_headers = protocols.v2_encode(loaded, v2_request, outputs)
         return Response(content, headers=out_headers)
@@ -461,15 +463,15 @@ def _management_routes(app: FastAPI, m: Management) -> None:
 
     @app.get("/manage/models", tags=tags)
     async def manage_models() -> dict[str, Any]:
-        return m.overview()
+        return await asyncio.to_thread(m.overview)
 
     @app.get("/manage/models/{name}", tags=tags)
     async def manage_model(name: str) -> dict[str, Any]:
-        return m.model(name)
+        return await asyncio.to_thread(m.model, name)
 
     @app.get("/manage/models/{name}/versions", tags=tags)
     async def manage_versions(name: str) -> dict[str, Any]:
-        return m.versions(name)
+        return await asyncio.to_thread(m.versions, name)
 
     @app.post("/manage/models/{name}/versions/{version}/load", tags=tags)
     async def manage_load(name: str, version: str) -> dict[str, Any]:
@@ -491,7 +493,7 @@ def _management_routes(app: FastAPI, m: Management) -> None:
 
     @app.post("/manage/models/{name}/advance", tags=tags)
     async def manage_advance(name: str, body: Reason | None = None) -> dict[str, Any]:
-        return m.advance(name, body.reason if body else "")
+        return await asyncio.to_thread(m.advance, name, body.reason if body else "")
 
     @app.post("/manage/models/{name}/promote", tags=tags)
     async def manage_promote(name: str, body: PromoteRequest) -> dict[str, Any]:
@@ -504,7 +506,7 @@ def _management_routes(app: FastAPI, m: Management) -> None:
 
     @app.get("/manage/models/{name}/history", tags=tags)
     async def manage_history(name: str) -> dict[str, Any]:
-        return m.history(name)
+        return await asyncio.to_thread(m.history, name)
 
 
 def _tag(request: Request, model: str, version: str) -> None:

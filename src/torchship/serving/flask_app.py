@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from torchship import __version__
@@ -81,7 +81,8 @@ def create_app(
 
     @app.teardown_request
     def _done(exc: BaseException | None) -> None:
-        service.metrics.in_flight.dec()
+        if "start" in g:  # not when an earlier before_request refused the request
+            service.metrics.in_flight.dec()
 
     @app.after_request
     def _observe(response: Response) -> Response:
@@ -191,7 +192,9 @@ def create_app(
         headers = {k.lower(): v for k, v in request.headers.items()}
         with service.lease(name, version, headers) as (loaded, route):
             g.model, g.version = loaded.name, loaded.version
-            v2_request, batch = protocols.v2_decode(loaded, request.get_data(cache=False), headers)
+            v2_request, batch = protocols.v2_decode(
+                loaded, _read_body(), headers, max_items=settings.max_queue_size
+            )
             outputs = service.infer_tensor(loaded, batch, route)
             content, out_headers = protocols.v2_encode(loaded, v2_request, outputs)
         return Response(content, headers=out_headers)
@@ -204,8 +207,8 @@ def _management_routes(app: Flask, m: Management) -> None:
     """``/manage/...``: versions, load/unload, traffic policy, promote, rollback, history."""
 
     def body() -> dict[str, Any]:
-        data = request.get_json(silent=True) if request.get_data() else {}
-        if data is None or not isinstance(data, dict):
+        data = payloads.load_json(_read_body()) or {}
+        if not isinstance(data, dict):
             raise InvalidInputError("The body must be a JSON object.")
         return data
 
@@ -252,6 +255,19 @@ def _management_routes(app: Flask, m: Management) -> None:
         return _json(m.rollback(name, to=to, reason=str(data.get("reason", ""))))
 
 
+def _read_body() -> bytes:
+    """The whole body, or 413: werkzeug's limiter silently truncates a chunked body at
+    MAX_CONTENT_LENGTH, so read one byte more and refuse if it arrives."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    body = request.get_data(cache=False)
+    if request.content_length is None and len(body) >= limit and request.stream.read(1):
+        raise PayloadTooLargeError(
+            f"The request body exceeds the limit of {limit} bytes.",
+            hint="Send a smaller file, or raise max_body_bytes (TORCHSHIP_MAX_BODY_BYTES).",
+        )
+    return body
+
+
 def _read_payload() -> tuple[Payload, int | None]:
     """Multipart (image/file field), JSON, or a raw image / .npy body."""
     if payloads.media_type(request.content_type) == "multipart/form-data":
@@ -262,7 +278,7 @@ def _read_payload() -> tuple[Payload, int | None]:
                     request.form.get("top_k")
                 )
         raise payloads.no_file_error()
-    return payloads.parse_body(request.get_data(cache=False), request.content_type)
+    return payloads.parse_body(_read_body(), request.content_type)
 
 
 def app_from_env() -> Flask:

@@ -39,8 +39,14 @@ class Handler:
     def preprocess(self, payload: Payload) -> torch.Tensor:
         spec = self.predictor.input_spec
         if isinstance(payload, TensorPayload):
-            if spec is None:
-                return torch.as_tensor(payload.array, dtype=torch.float32)
+            if spec is None:  # no spec to check the shape against: at least sane numbers
+                batch = torch.as_tensor(payload.array, dtype=torch.float32)
+                if batch.ndim < 2 or not bool(torch.isfinite(batch).all()):
+                    raise InvalidInputError(
+                        "Send a batch (N, ...) of finite numbers.",
+                        hint="NaN and infinity are refused; wrap a single item in a list.",
+                    )
+                return batch
             return validate_tensor(payload.array, spec)
         if isinstance(payload, ImagePayload):
             if spec is None or spec.kind != "image":

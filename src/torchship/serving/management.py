@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torchship.errors import ConflictError, ModelNotFoundError
+from torchship.errors import ConflictError, InvalidInputError, ModelNotFoundError
 from torchship.rollout import FixedPolicy, Router, parse_policy
 from torchship.serving.service import InferenceService
 from torchship.store import stages, validate_name
@@ -69,6 +69,10 @@ class Management:
 
     def load(self, name: str, version: str) -> dict[str, Any]:
         """Load (or reload) a version; it takes traffic only once a policy sends it some."""
+        with self.service.admin_lock:
+            return self._load(name, version)
+
+    def _load(self, name: str, version: str) -> dict[str, Any]:
         self._router(name)
         validate_name(version, "version")
         ref = f"{name}:{version}"
@@ -81,6 +85,10 @@ class Management:
         return loaded.info()
 
     def unload(self, name: str, version: str) -> dict[str, Any]:
+        with self.service.admin_lock:
+            return self._unload(name, version)
+
+    def _unload(self, name: str, version: str) -> dict[str, Any]:
         router = self._router(name)
         if version in router.policy.versions():
             raise ConflictError(
@@ -91,8 +99,14 @@ class Management:
         return {"name": name, "version": version, "unloaded": True}
 
     def set_policy(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        with self.service.admin_lock:
+            return self._set_policy(name, body)
+
+    def _set_policy(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         router = self._router(name)
         raw = body.get("policy", body)
+        if not isinstance(raw, dict):
+            raise InvalidInputError("The policy must be a JSON object with a 'kind'.")
         reason = str(body.get("reason", "set through the management API"))
         policy = parse_policy({k: v for k, v in raw.items() if k != "reason"})
         self._require_loaded(name, policy.versions(), load=bool(body.get("load", False)))
@@ -100,12 +114,20 @@ class Management:
         return {"events": [e.to_record() for e in events], "traffic": router.state()}
 
     def advance(self, name: str, reason: str) -> dict[str, Any]:
+        with self.service.admin_lock:
+            return self._advance(name, reason)
+
+    def _advance(self, name: str, reason: str) -> dict[str, Any]:
         router = self._router(name)
         events = router.advance(reason or "advanced through the management API")
         return {"events": [e.to_record() for e in events], "traffic": router.state()}
 
     def promote(self, name: str, version: str, reason: str) -> dict[str, Any]:
         """Make ``version`` production in the store and route all traffic to it."""
+        with self.service.admin_lock:
+            return self._promote(name, version, reason)
+
+    def _promote(self, name: str, version: str, reason: str) -> dict[str, Any]:
         router = self._router(name)
         version = self.service.store.resolve(name, version)
         self._require_loaded(name, [version], load=True)
@@ -120,19 +142,22 @@ class Management:
     def rollback(self, name: str, *, to: str | None, reason: str) -> dict[str, Any]:
         """Undo a rollout in progress (canary/split/shadow -> its baseline), or point
         production back at the previous (or named) version."""
-        router = self._router(name)
-        reason = reason or "rolled back through the management API"
-        if to is None and router.policy.kind != "fixed":
-            events = router.rollback(reason)
-            return {"events": [e.to_record() for e in events], "traffic": router.state()}
-        record = stages.rollback(self.service.store, name, to=to, reason=reason)
-        self._require_loaded(name, [record["to"]], load=True)
-        events = router.set_policy(FixedPolicy(version=record["to"]), reason)
-        return {
-            "rolled_back": record,
-            "events": [e.to_record() for e in events],
-            "traffic": router.state(),
-        }
+        with self.service.admin_lock:
+            router = self._router(name)
+            reason = reason or "rolled back through the management API"
+            if to is None and router.policy.kind != "fixed":
+                events = router.rollback(reason)
+                return {"events": [e.to_record() for e in events], "traffic": router.state()}
+            # Load the target before the store changes: a failed load changes nothing.
+            target = stages.rollback_target(self.service.store, name, to)
+            self._require_loaded(name, [target], load=True)
+            record = stages.rollback(self.service.store, name, to=target, reason=reason)
+            events = router.set_policy(FixedPolicy(version=target), reason)
+            return {
+                "rolled_back": record,
+                "events": [e.to_record() for e in events],
+                "traffic": router.state(),
+            }
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -156,4 +181,4 @@ class Management:
                     hint=f"Load it first: POST /manage/models/{name}/versions/{version}/load "
                     '(or send "load": true with the policy).',
                 )
-            self.load(name, version)
+            self._load(name, version)

@@ -95,10 +95,18 @@ def from_json(obj: Any) -> Payload:
     )
 
 
+def load_json(body: bytes) -> Any:
+    """``json.loads`` whose every failure (syntax, nesting bombs, huge integers) is a 400."""
+    try:
+        return json.loads(body) if body else None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise InvalidInputError(f"The body is not valid JSON: {str(exc)[:200]}") from None
+
+
 def to_array(value: Any) -> np.ndarray:
     try:
         array = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise InvalidInputError(
             "'inputs' must be a (nested) list of numbers with a regular shape.",
             hint=f"numpy said: {exc}",
@@ -124,10 +132,7 @@ def parse_body(body: bytes, content_type: str | None) -> tuple[Payload, int | No
     kind = media_type(content_type)
     if not (kind == "application/json" or kind.endswith("+json")):
         return from_bytes(body, kind), None
-    try:
-        obj = json.loads(body) if body else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"The body is not valid JSON: {exc}") from exc
+    obj = load_json(body)
     if obj is None:
         raise InvalidInputError("The JSON body is empty.")
     if not isinstance(obj, dict):

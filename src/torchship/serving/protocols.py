@@ -62,7 +62,7 @@ def v2_model_metadata(service: InferenceService, loaded: LoadedModel) -> dict[st
 
 
 def v2_decode(
-    loaded: LoadedModel, body: bytes, headers: dict[str, str]
+    loaded: LoadedModel, body: bytes, headers: dict[str, str], *, max_items: int = 256
 ) -> tuple[v2.V2Request, torch.Tensor]:
     """Parse a V2 infer request into the request and one model-input batch.
 
@@ -88,7 +88,9 @@ def v2_decode(
         if spec is None or spec.kind != "image":
             raise InvalidInputError(f"{loaded.name} takes numbers, not BYTES.")
         items = [bytes(x) for x in np.asarray(tensor.data, dtype=object).reshape(-1)]
-        return request, preprocess_batch(items, spec)
+        if len(items) > max_items:  # before decoding any of them
+            raise InvalidInputError(f"{len(items)} images in one request; at most {max_items}.")
+        return request, preprocess_batch(items, spec, max_pixels=loaded.handler.max_image_pixels)
     array = np.asarray(tensor.data)
     if spec is not None:
         from torchship.preprocessing import validate_tensor

@@ -144,7 +144,8 @@ class InferenceService:
         self._lock = threading.Lock()
         self._started = False
         self.draining = False
-        self.traffic = Traffic(self.store)
+        self.admin_lock = threading.RLock()  # serialises load/unload/policy changes
+        self.traffic = Traffic(self.store, admin_lock=self.admin_lock)
         self.load_errors: dict[str, str] = {}
 
     # --- lifecycle ------------------------------------------------------------------
@@ -211,8 +212,24 @@ class InferenceService:
             ) from exc
         name, version = predictor.name, predictor.version
 
-        def run_batch(items: list[torch.Tensor]) -> list[torch.Tensor]:
-            return list(handler.inference(torch.stack(items)).unbind(0))
+        def run_batch(items: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
+            if len({(t.shape, t.dtype) for t in items}) == 1:
+                return list(handler.inference(torch.stack(items)).unbind(0))
+            # Only models without an input spec can get mixed shapes: one sub-batch per
+            # shape, so one odd request cannot fail the requests batched with it.
+            out: list[torch.Tensor | Exception] = [*items]
+            groups: dict[tuple[torch.Size, torch.dtype], list[int]] = {}
+            for i, t in enumerate(items):
+                groups.setdefault((t.shape, t.dtype), []).append(i)
+            for idxs in groups.values():
+                results: list[torch.Tensor | Exception]
+                try:
+                    results = [*handler.inference(torch.stack([items[i] for i in idxs])).unbind(0)]
+                except Exception as exc:
+                    results = [exc] * len(idxs)
+                for i, r in zip(idxs, results, strict=True):
+                    out[i] = r
+            return out
 
         batcher: DynamicBatcher[torch.Tensor, torch.Tensor] = DynamicBatcher(
             run_batch,
@@ -315,10 +332,11 @@ class InferenceService:
                     hint=f"Served models: {', '.join(self._order)}.",
                 )
             version = version or self._defaults[name]
-            loaded = self._models.get((name, version))
-            if loaded is None:
-                aliased = self._resolve_alias(name, version)
-                loaded = self._models.get((name, aliased)) if aliased else None
+            key: str | None = version if (name, version) in self._models else None
+        if key is None:  # perhaps an alias: one small file read, outside the lock
+            key = self._resolve_alias(name, version)
+        with self._lock:
+            loaded = self._models.get((name, key)) if key else None
             if loaded is None:
                 served = [v for (n, v) in self._models if n == name]
                 raise VersionNotFoundError(
@@ -327,14 +345,14 @@ class InferenceService:
                 )
             if not loaded.ready or self.draining:
                 raise ModelNotReadyError(f"{name}:{loaded.version} is not ready.", retry_after=1.0)
-            if lease:
+            if lease:  # under the lock, so an unload cannot retire it in between
                 loaded.acquire()
         return loaded
 
     def _resolve_alias(self, name: str, alias: str) -> str | None:
         try:
-            return self.store.resolve(name, alias)
-        except TorchshipError:
+            return self.store.aliases(name).get(alias)
+        except (OSError, ValueError):
             return None
 
     def get_ref(self, ref: str) -> LoadedModel:

@@ -30,8 +30,15 @@ POLICY_FILE = "policy.json"
 
 
 class Traffic:
-    def __init__(self, store: ModelStore, *, tick_interval_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        *,
+        tick_interval_s: float = 0.5,
+        admin_lock: threading.RLock | None = None,
+    ) -> None:
         self.store = store
+        self._admin_lock = admin_lock or threading.RLock()
         self.tick_interval_s = tick_interval_s
         self._routers: dict[str, Router] = {}
         self._files: dict[str, tuple[PolicyFile, Callable[[str], bool]]] = {}
@@ -82,7 +89,9 @@ class Traffic:
                 record = policy_file.load_if_changed()
                 if record is None:
                     continue
-                if all(ensure_loaded(v) for v in record.policy.versions()):
+                with self._admin_lock:  # not while this process loads or unloads
+                    if not all(ensure_loaded(v) for v in record.policy.versions()):
+                        continue
                     self._routers[name].restore(record)
                     log.info(
                         "%s: adopted a %s policy written by another process",

@@ -7,7 +7,8 @@ import re
 from torchship.errors import InvalidNameError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_RESERVED = {"latest", "aliases", "history"}
+# "latest" means the newest; the rest are the files kept beside the version folders.
+_RESERVED = {"latest", "aliases.json", "stages.json", "policy.json", "history.jsonl"}
 
 
 def validate_name(value: str, what: str = "model name") -> str:

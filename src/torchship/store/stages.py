@@ -12,6 +12,7 @@ from typing import Any, Literal
 from torchship.errors import InvalidInputError, VersionNotFoundError
 from torchship.rollout import HistoryLog
 from torchship.store._atomic import file_lock, read_json, write_json_atomic
+from torchship.store._names import validate_name
 from torchship.store.store import DEFAULT_ALIAS, ModelStore
 
 Stage = Literal["staging", "production", "archived"]
@@ -31,6 +32,7 @@ def history(store: ModelStore, name: str) -> list[dict[str, Any]]:
 
 def stages(store: ModelStore, name: str) -> dict[str, Stage]:
     """Every version's stage; versions never promoted are ``staging``."""
+    validate_name(name)
     recorded = read_json(store.root / name / STAGES_FILE, default={})
     return {v: recorded.get(v, "staging") for v in store.versions(name)}
 
@@ -68,6 +70,21 @@ def promote(
     return record
 
 
+def rollback_target(store: ModelStore, name: str, to: str | None = None) -> str:
+    """The version a rollback would put in production, without changing anything."""
+    store.resolve(name)  # validates the name; 404 for an unknown model
+    if to is not None:
+        return store.resolve(name, to)
+    current = store.aliases(name).get(DEFAULT_ALIAS)
+    found = _previous_production(history_log(store, name).read(), current)
+    if found is None or found not in store.versions(name):
+        raise VersionNotFoundError(
+            f"{name} has no earlier production version to roll back to.",
+            hint="Name one: torchship models rollback NAME --to VERSION.",
+        )
+    return found
+
+
 def rollback(
     store: ModelStore, name: str, *, to: str | None = None, reason: str = ""
 ) -> dict[str, Any]:
@@ -75,18 +92,9 @@ def rollback(
 
     Returns the history record; raises when there is nothing to roll back to.
     """
+    target = rollback_target(store, name, to)
     with file_lock(store.root / name / ".stages.lock"):
         current = store.aliases(name).get(DEFAULT_ALIAS)
-        if to is not None:
-            target = store.resolve(name, to)
-        else:
-            found = _previous_production(history_log(store, name).read(), current)
-            if found is None or found not in store.versions(name):
-                raise VersionNotFoundError(
-                    f"{name} has no earlier production version to roll back to.",
-                    hint="Name one: torchship models rollback NAME --to VERSION.",
-                )
-            target = found
         if target == current:
             raise InvalidInputError(f"{name}:{target} is already in production.")
         staged = stages(store, name)

@@ -260,8 +260,7 @@ class ModelStore:
         try:
             write(tmp)
             with file_lock(self._model_dir(name) / ".lock"):
-                (vdir / filename).unlink(missing_ok=True)
-                tmp.rename(vdir / filename)
+                tmp.rename(vdir / filename)  # atomically replaces an older file
                 fsync_dir(vdir)
                 manifest = self._read_manifest(vdir)
                 manifest.artifacts[key] = artifact
@@ -413,7 +412,22 @@ class ModelStore:
         return self.root / validate_name(name)
 
     def _read_manifest(self, vdir: Path) -> Manifest:
-        return Manifest.model_validate(read_json(vdir / MANIFEST))
+        """Parse a version's manifest and refuse one that points outside its folder,
+        at files it does not checksum, or at another model or version."""
+        manifest = Manifest.model_validate(read_json(vdir / MANIFEST))
+        if (manifest.name, manifest.version) != (vdir.parent.name, vdir.name):
+            raise IntegrityError(
+                f"{vdir} holds a manifest for {manifest.ref}; a copied or renamed folder?"
+            )
+        named = [a.file for a in manifest.artifacts.values()]
+        named += [manifest.examples] if manifest.examples else []
+        for filename in named:
+            validate_name(filename, "file name")
+            if filename not in manifest.files:
+                raise IntegrityError(
+                    f"{manifest.ref}: {filename} is not covered by the manifest's checksums."
+                )
+        return manifest
 
     def _next_version(self, name: str) -> str:
         numbers = [int(v) for v in self._all_version_dirs(name) if v.isdigit()]
