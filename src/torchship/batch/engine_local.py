@@ -8,8 +8,11 @@ host-to-device copies are asynchronous. Rows come back in input order (the loade
 seconds, whichever comes first.
 
 Threads: each loader worker runs with one torch thread (``worker_init_fn``), and the
-model gets the cores the workers leave (see :func:`plan_threads`); otherwise workers'
-and model's thread pools fight over the same cores and both slow down.
+model gets the cores the workers leave (:func:`plan_threads`); otherwise workers' and
+model's thread pools fight over the same cores and both slow down (``benchmarks/batch.py``
+measures it: on 2 cores, one worker next to a 2-thread ResNet-18 runs at about the
+speed of no worker at all). How many workers pay off depends on the model and the
+inputs; ``num_workers="auto"`` measures both (:mod:`torchship.batch.plan`).
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ class BatchActor:
         self.amp = amp
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        samples = [self.dataset[int(i)] for i in batch["index"]]
+        samples = [self.dataset[int(i)] for i in batch["data"]]
         rows = predict_rows(self.predictor, collate(samples), top_k=self.top_k, amp=self.amp)
         return {
             "index": np.asarray([r.index for r in rows], dtype=np.int64),
@@ -146,8 +146,9 @@ def run_ray(
     try:
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
-        context.enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        context.enable_progress_bars = False  # ours shows the job's progress
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "disabled"
         resources = ray.cluster_resources()
         cpus = int(resources.get("CPU", 1))
         gpus = 1 if device != "cpu" and resources.get("GPU", 0) > 0 else 0
@@ -161,21 +162,23 @@ def run_ray(
         begin = time.monotonic()
         if not blocks:
             return result
-        dataset = ray.data.from_numpy(blocks).rename_columns({"data": "index"})
+        # One fused stage (input blocks -> actors): a separate task stage would wait for
+        # CPUs that the actor pool holds.
+        dataset = ray.data.from_numpy(blocks)  # one column, "data": the item indices
         predicted = dataset.map_batches(
             BatchActor,
-            fn_constructor_kwargs={
-                "store": str(store),
-                "ref": ref,
-                "runtime": runtime,
-                "device": "cuda" if gpus else device,
-                "threads": threads,
-                "source": source,
-                "spec": spec,
-                "top_k": top_k,
-                "amp": amp,
-                "max_pixels": max_pixels,
-            },
+            fn_constructor_kwargs=dict(
+                store=str(store),
+                ref=ref,
+                runtime=runtime,
+                device="cuda" if gpus else device,
+                threads=threads,
+                source=source,
+                spec=spec,
+                top_k=top_k,
+                amp=amp,
+                max_pixels=max_pixels,
+            ),
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=pool),

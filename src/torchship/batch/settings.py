@@ -20,8 +20,8 @@ class BatchSettings(Settings):
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="Items per model call.")
     num_workers: int | Literal["auto"] = Field(
         "auto",
-        description="DataLoader processes (local) or actors (ray); 'auto': one worker "
-        "when there are two cores or more (local), one actor per `threads` CPUs (ray).",
+        description="DataLoader processes (local) or actors (ray); 'auto': measured and "
+        "chosen per job (local), one actor per `threads` CPUs (ray).",
     )
     top_k: int = Field(3, ge=1, description="Labels (with probabilities) per output row.")
     engine: Literal["local", "ray"] = Field("local", description="Who runs the pipeline.")

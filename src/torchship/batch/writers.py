@@ -352,6 +352,18 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def count_rows(path: str | Path) -> int:
+    """Rows in a finished output file, without reading them all into memory."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return int(_pq().ParquetFile(path).metadata.num_rows)
+    with path.open(newline="", encoding="utf-8") as fh:
+        if suffix == ".csv":
+            return sum(1 for _ in csv.reader(fh)) - 1  # ids may hold quoted newlines
+        return sum(1 for line in fh if line.strip())
+
+
 def read_rows(path: str | Path) -> list[Row]:
     """Read a finished output file back as rows (any of the three formats)."""
     path = Path(path)

@@ -31,7 +31,7 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     """Commands from later modules register themselves here when present."""
     import importlib
 
-    for module in ("torchship.cli.serve_cmds",):
+    for module in ("torchship.cli.serve_cmds", "torchship.cli.batch_cmds"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
