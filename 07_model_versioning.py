@@ -42,7 +42,8 @@ for arch in ("cnn", "mlp"):
         description=f"digits {arch}",
     )
     say(f"saved {m.ref} ({arch}), offline test accuracy {result.test_accuracy:.2%}")
-broken = FaultyDigits(fail_rate=0.35, healthy_calls=100)  # passes warm-up, then fails 35% of batches
+# It passes warm-up, then fails 35% of batches: a bug that only production load shows.
+broken = FaultyDigits(fail_rate=0.35, healthy_calls=100)
 broken.load_state_dict(result.model.state_dict())
 m3 = store.save(
     broken,
