@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -196,3 +197,28 @@ def rss_mb(pid: int) -> float:
         except OSError:
             continue
     return total_kb / 1024
+
+
+def synthetic_photo(seed: int, size: tuple[int, int] = (224, 224)) -> Any:
+    """A deterministic, photo-like RGB ``PIL.Image``: smooth gradients, blurred shapes,
+    sensor noise, so JPEG sizes and decode costs resemble a real photo's.
+
+    Shared by serving.py and batch.py.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    base = np.stack([np.sin(6 * x + seed), np.cos(5 * y + seed), 2 * x * y - 1], -1)
+    img = Image.fromarray(((base * 0.5 + 0.5) * 200 + 30).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        cx, cy = (int(v) for v in rng.integers(0, (w, h)))
+        r = int(rng.integers(8, max(w, h) // 4))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    pixels = np.asarray(img.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.int16)
+    pixels = pixels + rng.integers(-12, 13, pixels.shape)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")

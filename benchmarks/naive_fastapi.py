@@ -40,8 +40,8 @@ def imagenet_preprocess(img: Image.Image) -> torch.Tensor:
     img = img.resize((round(img.width * scale), round(img.height * scale)))
     left, top = (img.width - 224) // 2, (img.height - 224) // 2
     img = img.crop((left, top, left + 224, top + 224))
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    x = (x - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, np.float32)
+    mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+    x = (np.asarray(img, dtype=np.float32) / 255.0 - mean) / std
     return torch.from_numpy(x.transpose(2, 0, 1).copy())[None]
 
 

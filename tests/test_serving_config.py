@@ -152,3 +152,24 @@ def test_per_model_batching_options(tmp_path: Path, small_store: Path) -> None:
         load_settings(cls=ServeSettings, model_options={"x": {"max_batch_size": 0}})
     with pytest.raises(ConfigError):
         load_settings(cls=ServeSettings, model_options={"x": {"max_batchsize": 3}})
+
+
+def test_listeners_disable_nagle(tmp_path: Path) -> None:
+    """Without TCP_NODELAY every keep-alive answer waits ~40 ms for a delayed ACK."""
+    import socket
+
+    import uvicorn
+    from serving_utils import free_port
+
+    from torchship.serving.runner import _sockets
+
+    settings = ServeSettings(port=free_port(), management_port=free_port())
+    config = uvicorn.Config(lambda *a: None, host=settings.host, port=settings.port)
+    sockets = _sockets(config, settings)
+    try:
+        assert len(sockets) == 2
+        for sock in sockets:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        for sock in sockets:
+            sock.close()

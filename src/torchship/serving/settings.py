@@ -60,7 +60,12 @@ class ServeSettings(Settings):
     max_batch_size: int | Literal["auto"] = Field(
         "auto", description="Largest batch; 'auto' measures throughput at warm-up and caps it."
     )
-    max_delay_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill up.")
+    max_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="How long a batch waits to fill up. 0: take what queued while the "
+        "previous batch ran (batches still form under load; a lone request never waits).",
+    )
     max_queue_size: int = Field(256, ge=1, description="Queued requests before 503.")
     timeout_s: float = Field(30.0, gt=0, description="Per-request limit on queue + inference.")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Larger bodies get 413.")
