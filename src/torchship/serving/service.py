@@ -182,6 +182,7 @@ class InferenceService:
         s = self.settings
         start = time.monotonic()
         runtime, max_batch_size, max_delay_ms = s.options_for(parse_ref(ref)[0])
+        predictor: Predictor | None = None
         try:
             predictor = load_predictor(
                 self.store,
@@ -203,8 +204,12 @@ class InferenceService:
             else:
                 max_batch = max_batch_size
         except TorchshipError:
+            if predictor is not None:
+                predictor.close()
             raise
         except Exception as exc:  # the model itself failed: it never takes traffic
+            if predictor is not None:
+                predictor.close()
             log.exception("%s failed to load or warm up", ref)
             raise ModelLoadError(
                 f"{ref} failed to load or warm up: {type(exc).__name__}: {exc}",
