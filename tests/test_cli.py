@@ -117,25 +117,15 @@ def test_export_then_predict_files(
     assert code == 0 and "onnxruntime" in out and " 4 " in out
 
 
-def test_delete_version(cli_store: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        main(
-            [
-                "train-demo",
-                "--store",
-                cli_store,
-                "--no-export",
-                "--arch",
-                "mlp",
-                "--alias",
-                "",
-                "--epochs",
-                "1",
-            ]
-        )
-        == 0
-    )
+def _train_quick_mlp(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """One more (unaliased) version in the store, trained for a single epoch."""
+    args = ["train-demo", "--store", store, "--no-export", "--arch", "mlp", "--alias", ""]
+    assert main([*args, "--epochs", "1"]) == 0
     capsys.readouterr()
+
+
+def test_delete_version(cli_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _train_quick_mlp(cli_store, capsys)
     code, out, _ = run(capsys, "models", "delete", "digits:2", "--store", cli_store)
     assert code == 0 and "deleted digits:2" in out
 
@@ -154,24 +144,7 @@ def test_requirements_txt_matches_pyproject() -> None:
 
 
 def test_promote_rollback_history(cli_store: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        main(
-            [
-                "train-demo",
-                "--store",
-                cli_store,
-                "--no-export",
-                "--arch",
-                "mlp",
-                "--alias",
-                "",
-                "--epochs",
-                "1",
-            ]
-        )
-        == 0
-    )
-    capsys.readouterr()
+    _train_quick_mlp(cli_store, capsys)
     versions = json.loads(
         run(capsys, "models", "show", "digits:latest", "--json", "--store", cli_store)[1]
     )["version"]
