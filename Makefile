@@ -40,8 +40,10 @@ pytest: install
 
 test: install system-deps lint typecheck pytest
 
+# Every lesson that runs to completion (04 and 05 serve until Ctrl-C: run them by hand).
 lessons: install
-	@for f in 0[1-3]_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	@for f in $$(ls [0-9][0-9]_*.py | grep -v -e '^04_' -e '^05_'); do \
+		echo "== $$f"; $(PY) $$f || exit 1; done
 
 bench: install
 	$(PY) benchmarks/runtimes.py

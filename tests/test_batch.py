@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -466,3 +468,24 @@ def _csv(rows: list[dict[str, object]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def test_prefetching_keeps_order_and_surfaces_errors() -> None:
+    from torchship.batch.engine_local import _Prefetcher
+
+    assert list(_Prefetcher(iter(range(100)), depth=2)) == list(range(100))
+
+    def broken() -> Iterator[int]:
+        yield 1
+        raise OSError("disk gone")
+
+    got: list[int] = []
+    with pytest.raises(OSError, match="disk gone"):
+        for x in _Prefetcher(broken(), depth=2):
+            got.append(x)
+    assert got == [1]
+
+    endless = _Prefetcher(itertools.count(), depth=2)  # consumer stops early: no leak
+    assert next(iter(endless)) == 0
+    endless.close()
+    assert not endless._thread.is_alive()

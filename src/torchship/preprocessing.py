@@ -168,12 +168,31 @@ def image_to_array(img: Image.Image, spec: InputSpec) -> np.ndarray:
         arr = _fit_ink(arr, size)
     else:
         fitted = _center_crop(img, size) if spec.fit == "center_crop" else _stretch(img, size)
-        arr = _to_float(fitted)
-        if invert:
-            arr = 1.0 - arr
+        return _normalize_u8(fitted, spec, invert)
     mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
     return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+
+
+def _normalize_u8(img: Image.Image, spec: InputSpec, invert: bool) -> np.ndarray:
+    """8-bit pixels straight to ``(x / 255 - mean) / std`` (or of ``1 - x / 255``).
+
+    One scale and one shift per channel, written into the (C, H, W) output in place:
+    the same numbers as the step-by-step formula, with two passes over the data
+    instead of five (it matters for photo models, where this runs per image).
+    """
+    pixels = np.asarray(img)
+    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    mean = np.asarray(spec.mean, dtype=np.float64).reshape(-1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float64).reshape(-1, 1, 1)
+    if invert:  # (1 - x/255 - mean) / std
+        scale, shift = -1.0 / (255.0 * std), (1.0 - mean) / std
+    else:
+        scale, shift = 1.0 / (255.0 * std), -mean / std
+    out = np.empty(chw.shape, dtype=np.float32)
+    np.multiply(chw, scale.astype(np.float32), out=out)
+    out += shift.astype(np.float32)
+    return out
 
 
 def preprocess_image(
@@ -448,7 +467,7 @@ def validate_tensor(x: np.ndarray | torch.Tensor | Sequence[Any], spec: InputSpe
     if isinstance(x, torch.Tensor):
         tensor = x.detach().cpu()
         kind, shape = _torch_kind(tensor.dtype), tuple(tensor.shape)
-        dtype_name = str(tensor.dtype).removeprefix("torch.")
+        dtype: object = tensor.dtype
     else:
         try:
             array = np.asarray(x)
@@ -457,13 +476,15 @@ def validate_tensor(x: np.ndarray | torch.Tensor | Sequence[Any], spec: InputSpe
                 "The input is not a rectangular array (rows of different lengths).",
                 hint=_shape_hint(expected),
             ) from exc
-        kind, shape, dtype_name = array.dtype.kind, array.shape, str(array.dtype)
+        kind, shape, dtype = array.dtype.kind, array.shape, array.dtype
     if kind not in "iuf":
+        dtype_name = str(dtype).removeprefix("torch.")  # str() of a dtype is slow: errors only
         raise InvalidInputError(
             f"The input has dtype {dtype_name}; a numeric array is required.",
             hint=f"Send numbers convertible to {spec.dtype}.",
         )
     if kind == "f" and not target.is_floating_point:
+        dtype_name = str(dtype).removeprefix("torch.")
         raise InvalidInputError(
             f"The input has dtype {dtype_name}, but the model takes {spec.dtype}.",
             hint="Send integers.",
@@ -482,19 +503,35 @@ def validate_tensor(x: np.ndarray | torch.Tensor | Sequence[Any], spec: InputSpe
         )
     if batched and shape[0] == 0:
         raise InvalidInputError("The batch is empty.", hint="Send at least one item.")
+    checked = False
     if not isinstance(x, torch.Tensor):
         # numpy first: it handles big-endian and unsigned types that torch does not.
-        converted = np.ascontiguousarray(array, dtype=_numpy_dtype(target))
+        as_numpy = _numpy_dtype(target)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused below
+            converted = np.ascontiguousarray(array, dtype=as_numpy)
         if not converted.flags.writeable:  # e.g. np.frombuffer over a request body
             converted = converted.copy()
+        if as_numpy.kind == "f" and target in _NUMPY_EXACT:
+            # The check in numpy: a fraction of torch's per-call cost on small requests.
+            if not np.isfinite(converted).all():
+                raise _not_finite(spec)
+            checked = True
         tensor = torch.from_numpy(converted)
     tensor = tensor.to(target).contiguous()
-    if target.is_floating_point and not bool(torch.isfinite(tensor).all()):
-        raise InvalidInputError(
-            f"The input contains NaN or infinite values, or values too large for {spec.dtype}.",
-            hint="Send finite numbers only.",
-        )
+    if not checked and target.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        raise _not_finite(spec)
     return tensor if batched else tensor.unsqueeze(0)
+
+
+_NUMPY_EXACT = frozenset({torch.float16, torch.float32, torch.float64})
+"""Float dtypes numpy holds exactly (not bfloat16), so finiteness can be checked there."""
+
+
+def _not_finite(spec: InputSpec) -> InvalidInputError:
+    return InvalidInputError(
+        f"The input contains NaN or infinite values, or values too large for {spec.dtype}.",
+        hint="Send finite numbers only.",
+    )
 
 
 def _torch_kind(dtype: torch.dtype) -> str:

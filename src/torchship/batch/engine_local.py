@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,6 +35,7 @@ from torchship.batch.writers import Committer
 from torchship.runtime import Predictor
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def available_cores() -> int:
@@ -92,8 +97,9 @@ def run_local(
     )
     result = EngineRun()
     start = time.monotonic()
+    batches = loader if num_workers > 0 else _Prefetcher(loader, depth=prefetch_factor)
     try:
-        for batch in loader:
+        for batch in batches:
             rows = predict_rows(predictor, batch, top_k=top_k, amp=amp)
             committer.add(rows)
             result.items += len(rows)
@@ -103,4 +109,63 @@ def run_local(
         # Ctrl-C or an error: what was computed is complete, so keep it.
         committer.flush()
         result.seconds = time.monotonic() - start
+        if isinstance(batches, _Prefetcher):
+            batches.close()
     return result
+
+
+_DONE = object()
+
+
+class _Prefetcher(Generic[T]):
+    """Iterate ``source`` on a thread, ``depth`` items ahead of the consumer.
+
+    With no loader processes (``num_workers=0``, the best layout when every core is
+    needed by the model) the next batch is still decoded while the model runs on this
+    one: Pillow and NumPy release the GIL while they work, and so does the model.
+    """
+
+    def __init__(self, source: Iterable[T], depth: int) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._fill, args=(source,), name="torchship-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _fill(self, source: Iterable[T]) -> None:
+        try:
+            for item in source:
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(_Failed(exc))
+            return
+        self._put(_DONE)
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item  # type: ignore[misc]  # anything else came from source
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class _Failed:
+    exc: BaseException

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
 import queue as queue_mod
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from torchship.batching.collect import collect_batch
 from torchship.batching.stats import BatcherStats, BatchEvent, _StatsRecorder
@@ -280,15 +281,25 @@ class DynamicBatcher(Generic[T, R]):
         """
         limit = self._timeout_for(timeout)
         future = self.submit_future(item, limit)
+        # One loop future fed by the worker thread, and a timer: cheaper than
+        # wait_for(wrap_future(...)), which costs a share of a small request.
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[R] = loop.create_future()
+        future.add_done_callback(functools.partial(_notify, loop, waiter))
+        timer = None if limit is None else loop.call_later(limit, _expire, waiter)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), limit)
-        except asyncio.TimeoutError:
+            return await waiter
+        except _Expired:
+            future.cancel()
             self._stats.count("timed_out")
             raise self._timeout_error(limit) from None
         except asyncio.CancelledError:
             future.cancel()
             self._stats.count("cancelled")
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     # --- observing -----------------------------------------------------------------
 
@@ -494,3 +505,31 @@ def _settle_result(future: concurrent.futures.Future[R], result: R) -> None:
 def _settle_exception(future: concurrent.futures.Future[R], exc: BaseException) -> None:
     with contextlib.suppress(concurrent.futures.InvalidStateError):
         future.set_exception(exc)
+
+
+class _Expired(Exception):
+    """The awaiting side's deadline passed (internal to ``asubmit``)."""
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(_Expired())
+
+
+def _notify(
+    loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[R], source: concurrent.futures.Future[R]
+) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
+        loop.call_soon_threadsafe(_copy_outcome, source, waiter)
+
+
+def _copy_outcome(source: concurrent.futures.Future[R], waiter: asyncio.Future[R]) -> None:
+    """On the loop: hand the worker's outcome to the awaiting request, if it still waits."""
+    if waiter.done():
+        return
+    if source.cancelled():
+        waiter.cancel()
+    elif (exc := source.exception()) is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(source.result())

@@ -43,6 +43,8 @@ class BatchScaling:
     max_latency_s: float | None = None
     failed: dict[int, str] = field(default_factory=dict)
     """Batch size -> the error that stopped measuring there (e.g. out of memory)."""
+    cached: bool = False
+    """True when measured at an earlier start and remembered (see runtime.tuning)."""
 
     def as_rows(self) -> list[dict[str, Any]]:
         """One JSON-ready row per measured batch size, for a server's status page."""

@@ -31,11 +31,14 @@ class Selection:
     chosen: RuntimeName
     timings_ms: dict[str, float] = field(default_factory=dict)
     batch_size: int = 8
+    cached: bool = False
+    """True when the timings were measured at an earlier start (see runtime.tuning)."""
 
     def __str__(self) -> str:
         ranked = sorted(self.timings_ms.items(), key=lambda kv: kv[1])
         parts = [f"{name} {ms:.3g} ms" for name, ms in ranked]
-        return f"runtime auto picked {self.chosen} (batch {self.batch_size}): " + " vs ".join(parts)
+        how = "remembered" if self.cached else "picked"
+        return f"runtime auto {how} {self.chosen} (batch {self.batch_size}): " + " vs ".join(parts)
 
 
 class Predictor(ABC):

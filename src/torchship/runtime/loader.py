@@ -10,12 +10,13 @@ import torch
 
 from torchship.devices import resolve_device
 from torchship.errors import ArtifactNotFoundError, ConfigError
-from torchship.runtime.base import Predictor
+from torchship.runtime.base import Predictor, Selection
 from torchship.runtime.eager import EagerPredictor
 from torchship.runtime.ort import OnnxPredictor
 from torchship.runtime.select import BATCH_SIZE, pick_fastest
 from torchship.runtime.threads import set_threads
 from torchship.runtime.torchscript import TorchScriptPredictor
+from torchship.runtime.tuning import TuningCache, tuning_key
 from torchship.store import ModelStore
 from torchship.store.manifest import Manifest
 
@@ -39,6 +40,7 @@ def load_predictor(
     threads: int | None = None,
     trust_pickle: bool = False,
     warmup: bool = True,
+    tuning: TuningCache | None = None,
 ) -> Predictor:
     """Load ``ref`` (``"name"``, ``"name:3"``, ``"name:production"``) for inference.
 
@@ -68,9 +70,10 @@ def load_predictor(
     examples = store.load_examples(manifest.ref)
 
     if runtime == "auto":
-        predictor = _load_auto(store, manifest, dev, threads, trust_pickle, examples)
-        if warmup and predictor.selection is not None and not predictor.selection.timings_ms:
-            predictor.warmup()  # a lone candidate was not timed, hence not warmed up
+        predictor = _load_auto(store, manifest, dev, threads, trust_pickle, examples, tuning)
+        sel = predictor.selection
+        if warmup and sel is not None and (sel.cached or not sel.timings_ms):
+            predictor.warmup()  # not timed here (remembered, or a lone candidate)
         return predictor
     key = "onnx" if runtime in ("onnx", "onnxruntime") else runtime
     predictor = _load_one(store, manifest, key, dev, threads, trust_pickle, examples)
@@ -123,6 +126,7 @@ def _load_auto(
     threads: int | None,
     trust_pickle: bool,
     examples: torch.Tensor | None,
+    tuning: TuningCache | None = None,
 ) -> Predictor:
     keys = verified_artifacts(manifest)
     if manifest.weights.format != "pickle" or trust_pickle or not keys:
@@ -131,6 +135,20 @@ def _load_auto(
         logger.info(
             "runtime auto: %s is a pickle and trust_pickle is off; eager not tried", manifest.ref
         )
+    cache_key = tuning_key(manifest, device=str(device), threads=threads, candidates=keys)
+    remembered = tuning.get(manifest, "runtime", cache_key) if tuning else None
+    if remembered and len(keys) > 1:
+        key = {"onnxruntime": "onnx"}.get(str(remembered.get("chosen")), remembered.get("chosen"))
+        if key in keys:
+            one = _load_one(store, manifest, str(key), device, threads, trust_pickle, examples)
+            one.selection = Selection(
+                one.runtime,
+                {str(k): float(v) for k, v in dict(remembered.get("timings_ms", {})).items()},
+                int(remembered.get("batch_size", BATCH_SIZE)),
+                cached=True,
+            )
+            logger.info("%s", one.selection)
+            return one
     candidates = [
         _load_one(store, manifest, key, device, threads, trust_pickle, examples) for key in keys
     ]
@@ -145,4 +163,15 @@ def _load_auto(
         if c is not chosen:
             c.close()
     chosen.selection = selection
+    if tuning is not None and selection.timings_ms:
+        tuning.put(
+            manifest,
+            "runtime",
+            cache_key,
+            {
+                "chosen": selection.chosen,
+                "timings_ms": selection.timings_ms,
+                "batch_size": selection.batch_size,
+            },
+        )
     return chosen
