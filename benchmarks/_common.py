@@ -105,6 +105,9 @@ def print_table(
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    from torchship.monitoring.tensorboard import table_from_env
+
+    table_from_env(title, columns, rows)  # TORCHSHIP_TENSORBOARD=DIR: also a TensorBoard run
 
 
 def machine_summary() -> str:

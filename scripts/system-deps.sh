@@ -5,7 +5,7 @@
 # missing program skip with a printed reason.
 set -u
 PACKAGES=(nginx redis-server wrk buildah podman runc uidmap slirp4netns fuse-overlayfs
-          debootstrap chromium chromium-driver prometheus)
+          debootstrap chromium chromium-driver prometheus openjdk-17-jre-headless)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -29,13 +30,19 @@ def free_port() -> int:
 
 
 def wait_ready(
-    base: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60.0
+    base: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    timeout: float = 60.0,
+    log: Path | None = None,
 ) -> float:
     """Poll /health/ready until 200; returns the seconds it took."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
+            if log is not None:
+                out = log.read_text(errors="replace")[-5000:]
+            else:
+                out = proc.stdout.read().decode() if proc.stdout else ""
             raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
         try:
             if requests.get(f"{base}/health/ready", timeout=1).status_code == 200:
@@ -48,36 +55,39 @@ def wait_ready(
 
 @contextlib.contextmanager
 def run_server(
-    store: Path, *args: str, framework: str = "fastapi"
+    store: Path,
+    *args: str,
+    framework: str = "fastapi",
+    log: Path | None = None,
+    ready_timeout: float = 60.0,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``torchship serve`` in a subprocess on a free loopback port; SIGTERM on exit."""
+    """``torchship serve`` in a subprocess on a free loopback port; SIGTERM on exit.
+
+    Its output goes to ``log`` (a temp file by default), never to a pipe: under load the
+    access log would fill an unread pipe and block the server. Printed on failure.
+    """
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torchship",
-        "serve",
-        "--store",
-        str(store),
-        "--port",
-        str(port),
-        "--framework",
-        framework,
-        *args,
-    ]
+    cmd = [sys.executable, "-m", "torchship", "serve", "--store", str(store)]
+    cmd += ["--port", str(port), "--framework", framework, *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT
-    )
+    if log is None:
+        fd, name = tempfile.mkstemp(prefix="torchship-serve-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, proc)
+        wait_ready(base, proc, timeout=ready_timeout, log=log)
         yield base, proc
+    except BaseException:
+        print(log.read_text(errors="replace")[-3000:])
+        raise
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -7,6 +7,7 @@ place. Anything else reaching a front end is a bug and becomes a generic 500.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -32,6 +33,10 @@ class TorchshipError(Exception):
         if self.details:
             body["details"] = self.details
         return body
+
+    def response_headers(self) -> dict[str, str]:
+        """HTTP headers a response to this error carries besides the JSON body."""
+        return {}
 
 
 # --- names, models and versions -------------------------------------------------
@@ -175,6 +180,48 @@ class InferenceError(TorchshipError):
 class RequestTimeoutError(TorchshipError):
     status_code = 504
     code = "timeout"
+
+
+# --- access control --------------------------------------------------------------
+
+
+class UnauthorizedError(TorchshipError):
+    """No API key, or one the server does not know (401)."""
+
+    status_code = 401
+    code = "unauthorized"
+
+    def response_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="torchship"'}
+
+
+class ForbiddenError(TorchshipError):
+    """A known key without the scope the route needs, or a refused CORS origin (403)."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class RateLimitedError(TorchshipError):
+    """Over the rate limit (429): ``Retry-After`` says when a token is back."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float,
+        headers: dict[str, str] | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
+        self.headers = dict(headers or {})
+
+    def response_headers(self) -> dict[str, str]:
+        return {**self.headers, "Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 # --- HTTP-level ------------------------------------------------------------------

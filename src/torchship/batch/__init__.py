@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torchship.batch.engine_local import EngineRun
 from torchship.batch.progress import Progress
@@ -34,6 +34,9 @@ from torchship.errors import ConfigError
 from torchship.preprocessing import DEFAULT_MAX_PIXELS
 from torchship.runtime import RuntimeChoice
 from torchship.store import InputSpec, ModelStore
+
+if TYPE_CHECKING:
+    from torchship.monitoring.tensorboard import TensorBoardLogger
 
 __all__ = ["BatchSettings", "BatchSummary", "Row", "Source", "open_source", "read_rows", "run"]
 
@@ -105,6 +108,7 @@ def run(
     progress: bool | None = None,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     trust_pickle: bool = False,
+    tensorboard: str | Path | None = None,
 ) -> BatchSummary:
     """Predict every item of ``inputs`` with ``model`` and write one row each to ``output``.
 
@@ -122,7 +126,9 @@ def run(
     in ``summary.plan``). With ``engine="ray"`` it is the actor count (``"auto"``: one
     per ``threads`` CPUs of the cluster). ``threads``: the model's intra-op threads
     (default: the cores the workers leave). ``amp``: float16 autocast on CUDA.
-    ``progress``: ``None`` shows a bar only on a terminal.
+    ``progress``: ``None`` shows a bar only on a terminal. ``tensorboard``: a folder
+    to write the job's throughput over time, its summary and settings to, as a
+    TensorBoard run (needs ``torchship[monitoring]``).
     """
     begin = time.monotonic()
     _check(batch_size, top_k, chunk_size, num_workers, engine, stop_after)
@@ -175,12 +181,19 @@ def run(
         cores=available_cores(),
     )
     result = EngineRun()
+    tb = _tensorboard(tensorboard, manifest.ref)
     job.startup = time.monotonic() - begin
     if indices and not out.already_complete:
-        with Progress(total, first, enabled=progress) as bar:
+        on_advance = tb.throughput("batch", first) if tb is not None else None
+        with Progress(total, first, enabled=progress, on_advance=on_advance) as bar:
             committer = Committer(out, chunk_size, commit_interval_s)
             run_engine = _run_ray if engine == "ray" else _run_local
-            result = run_engine(job, source, indices, committer, bar)
+            try:
+                result = run_engine(job, source, indices, committer, bar)
+            except BaseException:
+                if tb is not None:  # keep the curve of an interrupted job
+                    tb.close()
+                raise
             if engine == "ray":  # actors load the model while the job runs
                 job.startup = time.monotonic() - begin - result.seconds
             else:
@@ -188,7 +201,7 @@ def run(
     complete = out.already_complete or out.committed == total
     if complete:
         out.finish()
-    return BatchSummary(
+    summary = BatchSummary(
         output=Path(output),
         total=total,
         items=result.items,
@@ -205,6 +218,45 @@ def run(
         threads=job.threads or 0,
         plan=job.plan,
     )
+    if tb is not None:
+        _log_summary(tb, summary)
+    return summary
+
+
+def _tensorboard(logdir: str | Path | None, ref: str) -> TensorBoardLogger | None:
+    if logdir is None:
+        return None
+    from torchship.monitoring.tensorboard import TensorBoardLogger
+
+    run = f"batch-{ref.replace(':', '-v')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return TensorBoardLogger(logdir, run)
+
+
+def _log_summary(tb: TensorBoardLogger, s: BatchSummary) -> None:
+    """The job's totals (scalars), settings (text) and both together (HParams)."""
+    with tb:
+        totals = {
+            "items": s.items,
+            "failures": s.failures,
+            "items_per_s": s.items_per_s,
+            "seconds": s.seconds,
+            "startup_seconds": s.startup_seconds,
+        }
+        tb.scalars(totals, step=s.skipped + s.items, prefix="batch/summary")
+        settings = {
+            "output": str(s.output),
+            "engine": s.engine,
+            "runtime": s.runtime,
+            "device": s.device,
+            "batch_size": s.batch_size,
+            "num_workers": s.num_workers,
+            "threads": s.threads,
+        }
+        tb.table("batch/settings", ["setting", "value"], [*settings.items(), ("plan", s.plan)])
+        tb.hparams(
+            {k: v for k, v in settings.items() if k != "output"},
+            {"hparam/items_per_s": s.items_per_s, "hparam/failures": s.failures},
+        )
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from types import TracebackType
 
 from rich.console import Console
@@ -43,8 +44,10 @@ class Progress:
         enabled: bool | None = None,
         description: str = "inference",
         console: Console | None = None,
+        on_advance: Callable[[int], None] | None = None,
     ) -> None:
         console = console or Console(stderr=True)
+        self.on_advance = on_advance  # e.g. a TensorBoard throughput plot
         self.enabled = console.is_terminal if enabled is None else enabled
         self._bar: _RichProgress | None = None
         if self.enabled:
@@ -68,6 +71,8 @@ class Progress:
         return self
 
     def advance(self, n: int) -> None:
+        if self.on_advance is not None:
+            self.on_advance(n)
         if self._bar is not None:
             self._bar.advance(self._task, n)
 

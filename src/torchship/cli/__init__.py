@@ -31,7 +31,14 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     """Commands from later modules register themselves here when present."""
     import importlib
 
-    for module in ("torchship.cli.serve_cmds", "torchship.cli.batch_cmds"):
+    for module in (
+        "torchship.cli.serve_cmds",
+        "torchship.cli.batch_cmds",
+        "torchship.cli.deploy_cmds",
+        "torchship.cli.archive_cmds",
+        "torchship.cli.torchserve_cmds",
+        "torchship.cli.optimize_cmds",
+    ):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -60,6 +60,12 @@ def register(sub: SubParsers) -> None:
         help="progress bar (default: only on a terminal)",
     )
     p.add_argument("--trust-pickle", action="store_true", default=None)
+    p.add_argument(
+        "--tensorboard",
+        type=Path,
+        metavar="DIR",
+        help="write throughput, totals and settings as a TensorBoard run under DIR",
+    )
     p.set_defaults(handler=cmd_batch)
 
 
@@ -108,6 +114,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             progress=args.progress,
             max_image_pixels=s.max_image_pixels,
             trust_pickle=s.trust_pickle,
+            tensorboard=args.tensorboard,
         )
     except KeyboardInterrupt:
         console.print(

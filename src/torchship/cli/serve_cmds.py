@@ -35,6 +35,23 @@ def register(sub: SubParsers) -> None:
         metavar="NAME[:VERSION]",
         help="model to serve; repeat for several (default: digits)",
     )
+    p.add_argument(
+        "--model-store", help="folder of TorchServe .mar archives (as torchserve --model-store)"
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        dest="archive_specs",
+        metavar="NAME=FILE.mar",
+        help="TorchServe archives to serve, as torchserve --models takes them: NAME=FILE.mar, "
+        "FILE.mar or 'all' (every .mar in the model store); together with --model if given",
+    )
+    p.add_argument(
+        "--allow-url-registration",
+        action="store_true",
+        default=None,
+        help="let TorchServe's POST /models?url=http(s)://... download archives",
+    )
     p.add_argument("--framework", choices=["fastapi", "flask"])
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int)
@@ -56,6 +73,21 @@ def register(sub: SubParsers) -> None:
         help="custom handler for a model, e.g. digits=my_handlers.py:Inverted",
     )
     p.add_argument("--trust-pickle", action="store_true", default=None)
+    p.add_argument(
+        "--engine",
+        choices=["torchship", "ray"],
+        default="torchship",
+        help="torchship's own server (default), or Ray Serve replicas with Ray's batching",
+    )
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (--engine ray)")
+    p.add_argument(
+        "--retune",
+        action="store_true",
+        default=None,
+        help="measure runtime and batch size again instead of reusing <store>/.tuning",
+    )
+    _add_protection_flags(p)
+    _add_log_flags(p)
     p.set_defaults(handler=cmd_serve)
 
 
@@ -82,13 +114,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "timeout_s",
             "max_body_bytes",
             "trust_pickle",
+            "retune",
+            "model_store",
+            "allow_url_registration",
         )
     }
+    if args.archive_specs:
+        fields["models"] = [*(args.models or []), *_archive_specs(args)]
     if args.handler_specs:
         fields["handlers"] = dict(_split_handler(h) for h in args.handler_specs)
+    fields.update(_protection_fields(args))
+    fields.update(_log_fields(args))
     settings = load_settings(args.config, cls=ServeSettings, **fields)
+    if args.engine == "ray":
+        from torchship.serving.ray_serve import serve_ray
+
+        serve_ray(settings, replicas=args.replicas)
+        return 0
     serve(settings)
     return 0
+
+
+def _archive_specs(args: argparse.Namespace) -> list[str]:
+    """``--models`` as TorchServe reads it; ``all`` is every archive in the model store."""
+    from pathlib import Path
+
+    specs: list[str] = []
+    for spec in args.archive_specs:
+        if spec.lower() == "all":
+            if not args.model_store:
+                raise ConfigError("--models all needs --model-store.")
+            specs += sorted(p.name for p in Path(args.model_store).glob("*.mar"))
+        elif "=" in spec or spec.endswith(".mar"):
+            specs.append(spec)
+        else:
+            raise ConfigError(
+                f"--models {spec!r} must be NAME=FILE.mar, FILE.mar or all.",
+                hint="Store models are served with --model NAME[:VERSION].",
+            )
+    return specs
 
 
 def _split_handler(value: str) -> tuple[str, str]:
@@ -96,3 +160,134 @@ def _split_handler(value: str) -> tuple[str, str]:
     if not sep or not name or not spec:
         raise ConfigError(f"--handler {value!r} must look like NAME=MODULE:CLASS.")
     return name, spec
+
+
+def _add_protection_flags(p: argparse.ArgumentParser) -> None:
+    """Auth, rate limits, cache, CORS, drain (``torchship.serving.policies``)."""
+    g = p.add_argument_group(
+        "production protections",
+        "API keys come from TORCHSHIP_API_KEYS or --api-keys-file, never from a flag "
+        "(other users could read them in the process list).",
+    )
+    g.add_argument(
+        "--api-keys-file", help="YAML/JSON {keys: [{name, scopes, sha256}]}; turns auth on"
+    )
+    g.add_argument(
+        "--open-path",
+        action="append",
+        dest="open_paths",
+        metavar="PATH",
+        help="a path needing no key (repeat; '/x/' is a prefix); replaces the default "
+        "health, ping and metrics",
+    )
+    g.add_argument(
+        "--rate-limit",
+        action="append",
+        dest="rate_limit_specs",
+        metavar="[SCOPE=]RATE[:BURST]",
+        help="token bucket in requests/s per key or client IP, e.g. 10:20 or admin=1:5 "
+        "(scopes: inference, the default, and admin)",
+    )
+    g.add_argument("--rate-limit-backend", choices=["memory", "redis"])
+    g.add_argument(
+        "--trusted-proxy",
+        action="append",
+        dest="trusted_proxies",
+        metavar="IP|CIDR",
+        help="believe X-Forwarded-For from this proxy (repeat)",
+    )
+    g.add_argument(
+        "--cache",
+        action="store_true",
+        default=None,
+        help="cache answers per model version and input (a request's 'Cache-Control: "
+        "no-cache' skips the lookup, 'no-store' skips the cache)",
+    )
+    g.add_argument("--cache-backend", choices=["memory", "redis"])
+    g.add_argument("--cache-ttl-s", type=float)
+    g.add_argument("--cache-max-entries", type=int)
+    g.add_argument("--redis-url", help="redis://host:port/db for the redis backends")
+    g.add_argument(
+        "--cors-origin",
+        action="append",
+        dest="cors_origins",
+        metavar="ORIGIN",
+        help="a browser origin allowed to call the API, e.g. https://app.example (repeat)",
+    )
+    g.add_argument(
+        "--drain-delay-s",
+        type=float,
+        help="after SIGTERM, stay up not-ready this long before draining",
+    )
+
+
+def _protection_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        k: getattr(args, k)
+        for k in (
+            "api_keys_file",
+            "open_paths",
+            "rate_limit_backend",
+            "trusted_proxies",
+            "cache",
+            "cache_backend",
+            "cache_ttl_s",
+            "cache_max_entries",
+            "redis_url",
+            "cors_origins",
+            "drain_delay_s",
+        )
+    }
+    if args.rate_limit_specs:
+        limits: dict[str, str] = {}
+        for spec in args.rate_limit_specs:
+            scope, sep, limit = spec.rpartition("=")
+            limits[scope if sep else "inference"] = limit
+        fields["rate_limits"] = limits
+    return fields
+
+
+def _add_log_flags(p: argparse.ArgumentParser) -> None:
+    """Structured logs (``torchship.monitoring.logs``)."""
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-format", choices=["text", "json"], help="log lines (default text)")
+    g.add_argument(
+        "--no-access-log",
+        action="store_false",
+        dest="access_log",
+        default=None,
+        help="no per-request lines",
+    )
+    g.add_argument(
+        "--log-sample-rate",
+        type=float,
+        metavar="FRACTION",
+        help="fraction of successful requests logged (errors always are)",
+    )
+    g.add_argument(
+        "--log-bodies",
+        action="store_true",
+        default=None,
+        help="add headers and request/response bodies (truncated, redacted) to access lines",
+    )
+    g.add_argument("--log-max-body-chars", type=int, metavar="N")
+    g.add_argument(
+        "--log-redact-field",
+        action="append",
+        dest="log_redact_fields",
+        metavar="NAME",
+        help="JSON key, header or query name logged as [REDACTED] (repeat; replaces the "
+        "default list)",
+    )
+
+
+def _log_fields(args: argparse.Namespace) -> dict[str, Any]:
+    keys = (
+        "log_format",
+        "access_log",
+        "log_sample_rate",
+        "log_bodies",
+        "log_max_body_chars",
+        "log_redact_fields",
+    )
+    return {k: getattr(args, k) for k in keys}

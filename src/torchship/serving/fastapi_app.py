@@ -26,13 +26,20 @@ from torchship.errors import (
     RouteNotFoundError,
     TorchshipError,
 )
-from torchship.serving import payloads, protocols
-from torchship.serving.http import error_response, port_refuses, start_in_background
+from torchship.monitoring.asgi import RequestMonitorMiddleware
+from torchship.monitoring.requests import RequestObserver
+from torchship.serving import mar_models, payloads, protocols, status_page
+from torchship.serving.http import dumps, error_response, port_refuses, start_in_background
 from torchship.serving.management import Management
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
 from torchship.serving.payloads import IMAGE_FIELDS, Payload
+from torchship.serving.policies import Gate
+from torchship.serving.policies.asgi import AdmissionMiddleware, ResponseHeadersMiddleware
+from torchship.serving.policies.lifecycle import install_drain_delay
 from torchship.serving.service import InferenceService
 from torchship.serving.settings import ServeSettings
+from torchship.serving.torchserve_api import PREFIX as TS_PREFIX
+from torchship.serving.torchserve_api import TorchServeManagement, TorchServePathsASGI
 
 log = logging.getLogger("torchship.serving")
 
@@ -182,51 +189,6 @@ class PortGateMiddleware:
         await self.app(scope, receive, send)
 
 
-class MetricsMiddleware:
-    """Counts and times every request by route template, model, version and status."""
-
-    def __init__(self, app: ASGIApp, service: InferenceService) -> None:
-        self.app = app
-        self.service = service
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.monotonic()
-        status = 500
-        metrics = self.service.metrics
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                state = scope.get("state") or {}
-                if state.get("version"):  # every answer says which version served it
-                    message["headers"] = [
-                        *message.get("headers", []),
-                        (b"x-model-name", str(state["model"]).encode()),
-                        (b"x-model-version", str(state["version"]).encode()),
-                    ]
-            await send(message)
-
-        metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            metrics.in_flight.dec()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            state = scope.get("state") or {}
-            metrics.observe_request(
-                endpoint,
-                state.get("model", ""),
-                state.get("version", ""),
-                status,
-                time.monotonic() - start,
-            )
-
-
 # --- the app -----------------------------------------------------------------------------
 
 
@@ -250,6 +212,7 @@ def create_app(
             start_in_background(service)
         else:
             await asyncio.to_thread(service.start)
+        install_drain_delay(service.begin_drain, settings.drain_delay_s)
         yield
         await asyncio.to_thread(service.stop, True)
 
@@ -294,16 +257,22 @@ def create_app(
 
     # --- torchship API -----------------------------------------------------------
 
-    @app.get("/", tags=["status"])
-    async def index() -> dict[str, Any]:
-        ready, _ = service.readiness()
-        return {
-            "name": "torchship",
-            "version": __version__,
-            "ready": ready,
-            "models": service.model_names(),
-            "docs": "/docs",
-        }
+    @app.get("/", tags=["status"], summary="The status page for browsers; JSON otherwise.")
+    async def index(request: Request) -> Response:
+        if status_page.wants_html(request.headers.get("accept")):
+            return Response(status_page.page(), media_type=status_page.HTML)
+        return JSONResponse(status_page.index(service))
+
+    @app.get(status_page.STATUS_PATH, tags=["status"])
+    async def status() -> dict[str, Any]:
+        return await asyncio.to_thread(status_page.status, service)
+
+    @app.get(status_page.STATIC_PREFIX + "{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        found = status_page.asset(name)
+        if found is None:
+            raise RouteNotFoundError(f"No asset {name!r}.")
+        return Response(found[0], media_type=found[1])
 
     @app.post(
         "/predict",
@@ -319,7 +288,7 @@ def create_app(
         model: str | None = Query(None, description="Model name; default: the first served."),
         version: str | None = Query(None, description="Version or alias."),
         top_k: int | None = Query(None, ge=1, le=1000),
-    ) -> PredictionResponse:
+    ) -> Response:
         payload, body_top_k = await _read_payload(request)
         result = await service.apredict(
             payload,
@@ -328,8 +297,10 @@ def create_app(
             top_k=top_k or body_top_k,
             headers=request.headers,
         )
-        _tag(request, result.model, result.version)
-        return PredictionResponse.model_validate(result.to_dict())
+        _tag(request, result.model, result.version, result.extra.get("cache"))
+        # Serialised directly: the dict already has the documented shape, and
+        # re-validating it through the response model costs ~5% of a small request.
+        return Response(dumps(result.to_dict()), media_type="application/json")
 
     @app.get("/models", tags=["status"])
     async def models() -> dict[str, Any]:
@@ -342,6 +313,13 @@ def create_app(
     @app.get("/health/ready", tags=["status"], responses={503: {"model": ErrorResponse}})
     async def ready() -> JSONResponse:
         ok, details = service.readiness()
+        return JSONResponse(
+            details, status_code=200 if ok else 503, headers={} if ok else {"Retry-After": "1"}
+        )
+
+    @app.get("/health/startup", tags=["status"], responses={503: {"model": ErrorResponse}})
+    async def startup() -> JSONResponse:
+        ok, details = service.startup()
         return JSONResponse(
             details, status_code=200 if ok else 503, headers={} if ok else {"Retry-After": "1"}
         )
@@ -362,11 +340,16 @@ def create_app(
     @app.post("/predictions/{name}", tags=["torchserve"], openapi_extra=PREDICT_BODY)
     @app.post("/predictions/{name}/{version}", tags=["torchserve"], openapi_extra=PREDICT_BODY)
     async def predictions(request: Request, name: str, version: str | None = None) -> Any:
+        if mar_models.serves_archive(service, name):  # the archive's own handler answers
+            raw = await _read_archive_request(request)
+            loaded, answer = await mar_models.apredict(service, raw, name, version, request.headers)
+            _tag(request, loaded.name, loaded.version)
+            return Response(answer.body, status_code=answer.status, headers=answer.headers)
         payload, top_k = await _read_payload(request)
         result = await service.apredict(
             payload, model=name, version=version, top_k=top_k, headers=request.headers
         )
-        _tag(request, result.model, result.version)
+        _tag(request, result.model, result.version, result.extra.get("cache"))
         return protocols.torchserve_body(result)
 
     # --- Open Inference Protocol (V2) -------------------------------------------------
@@ -402,17 +385,33 @@ def create_app(
         headers = {k.lower(): v for k, v in request.headers.items()}
         with service.lease(name, version, headers) as (loaded, route):
             _tag(request, loaded.name, loaded.version)
+            began = time.monotonic()
             v2_request, batch = await asyncio.to_thread(
                 protocols.v2_decode, loaded, body, headers, max_items=settings.max_queue_size
+            )
+            service.metrics.observe_preprocess(
+                loaded.name, loaded.version, time.monotonic() - began
             )
             outputs = await service.ainfer_tensor(loaded, batch, route)
             content, out_headers = protocols.v2_encode(loaded, v2_request, outputs)
         return Response(content, headers=out_headers)
 
     _management_routes(app, Management(service))
-    app.add_middleware(MetricsMiddleware, service=service)
+    _torchserve_routes(app, TorchServeManagement(service))
+    gate = Gate.from_settings(settings)
+    app.add_middleware(AdmissionMiddleware, gate=gate)  # auth and rate limits
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(PortGateMiddleware, management_port=settings.management_port)
+    app.add_middleware(  # CORS preflights; security/CORS/rate-limit headers on every answer
+        ResponseHeadersMiddleware, gate=gate, draining=lambda: service.draining
+    )
+    # Outermost: request id, metrics and access line for every request, also those the
+    # middleware above refuses; unexpected errors become one logged 500 here.
+    app.add_middleware(
+        RequestMonitorMiddleware, observer=RequestObserver.from_settings(service.metrics, settings)
+    )
+    # TorchServe's management paths (/models...) on the management port -> /manage/torchserve
+    app.add_middleware(TorchServePathsASGI, management_port=settings.management_port)
     return app
 
 
@@ -509,9 +508,80 @@ def _management_routes(app: FastAPI, m: Management) -> None:
         return await asyncio.to_thread(m.history, name)
 
 
-def _tag(request: Request, model: str, version: str) -> None:
+def _tag(request: Request, model: str, version: str, cache: str | None = None) -> None:
     request.state.model = model
     request.state.version = version
+    if cache:  # X-Cache: HIT / MISS / BYPASS
+        request.state.cache = cache
+
+
+def _torchserve_routes(app: FastAPI, ts: TorchServeManagement) -> None:
+    """TorchServe's management API under ``/manage/torchserve`` (and, on the management
+    port, at TorchServe's own ``/models...`` paths)."""
+    tags: list[str | Enum] = ["torchserve management"]
+    models = f"{TS_PREFIX}/models"
+
+    def answer(result: tuple[int, dict[str, str]]) -> JSONResponse:
+        return JSONResponse(result[1], status_code=result[0])
+
+    @app.get(models, tags=tags)
+    async def ts_list(limit: str | None = None, next_page_token: str | None = None) -> Any:
+        return ts.list_models(limit, next_page_token)
+
+    @app.post(models, tags=tags)
+    async def ts_register(request: Request) -> JSONResponse:
+        return answer(await asyncio.to_thread(ts.register, dict(request.query_params)))
+
+    @app.get(models + "/{name}", tags=tags)
+    @app.get(models + "/{name}/{version}", tags=tags)
+    async def ts_describe(name: str, version: str | None = None) -> Any:
+        return ts.describe(name, version)
+
+    @app.put(models + "/{name}", tags=tags)
+    @app.put(models + "/{name}/{version}", tags=tags)
+    async def ts_scale(request: Request, name: str, version: str | None = None) -> JSONResponse:
+        params = dict(request.query_params)
+        return answer(await asyncio.to_thread(ts.scale, name, version, params))
+
+    @app.put(models + "/{name}/{version}/set-default", tags=tags)
+    async def ts_set_default(name: str, version: str) -> Any:
+        return await asyncio.to_thread(ts.set_default, name, version)
+
+    @app.delete(models + "/{name}", tags=tags)
+    @app.delete(models + "/{name}/{version}", tags=tags)
+    async def ts_unregister(name: str, version: str | None = None) -> Any:
+        return await asyncio.to_thread(ts.unregister, name, version)
+
+
+async def _read_archive_request(request: Request) -> mar_models.ArchiveRequest:
+    """The request as TorchServe hands it to a handler (form fields, or the body)."""
+    kind = payloads.media_type(request.headers.get("content-type"))
+    form = None
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        fields = []
+        try:
+            parsed = await request.form(max_files=16, max_fields=64)
+        except Exception as exc:
+            raise InvalidInputError(f"Malformed form body: {exc}") from exc
+        try:
+            for field, value in parsed.multi_items():
+                if isinstance(value, UploadFile):
+                    fields.append(
+                        mar_models.FormField(field, await value.read(), value.content_type)
+                    )
+                else:
+                    fields.append(mar_models.FormField(field, value))
+        finally:
+            await parsed.close()
+        form = fields
+    body = b"" if form is not None else await request.body()
+    return mar_models.archive_request(
+        body,
+        request.headers.get("content-type"),
+        request.headers,
+        request.query_params.multi_items(),
+        form,
+    )
 
 
 async def _read_payload(request: Request) -> tuple[Payload, int | None]:
@@ -540,8 +610,11 @@ async def _read_payload(request: Request) -> tuple[Payload, int | None]:
 
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` worker processes: settings come from the env."""
+    from torchship.monitoring.logs import configure_logging
     from torchship.settings import load_settings
 
+    settings = load_settings(cls=ServeSettings)
+    configure_logging(settings.log_format, access_log=settings.access_log)
     # Load before accepting: workers share one listening socket, so a worker that
     # accepted while still loading would answer 503 while its siblings could serve.
-    return create_app(load_settings(cls=ServeSettings), load_in_background=False)
+    return create_app(settings, load_in_background=False)

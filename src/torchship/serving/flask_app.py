@@ -9,7 +9,6 @@ from typing import Any
 from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from torchship import __version__
 from torchship.errors import (
     InvalidInputError,
     MethodNotAllowedError,
@@ -17,13 +16,19 @@ from torchship.errors import (
     RouteNotFoundError,
     TorchshipError,
 )
-from torchship.serving import payloads, protocols
+from torchship.monitoring.requests import RequestObserver
+from torchship.monitoring.wsgi import gunicorn_logger_class, install_flask
+from torchship.serving import mar_models, payloads, protocols, status_page
 from torchship.serving.http import dumps, error_response, port_refuses, start_in_background
 from torchship.serving.management import Management
-from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
+from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE, mark_worker_dead
 from torchship.serving.payloads import IMAGE_FIELDS, Payload
+from torchship.serving.policies import Gate, RequestInfo
+from torchship.serving.policies.lifecycle import install_drain_delay
 from torchship.serving.service import InferenceService
 from torchship.serving.settings import ServeSettings
+from torchship.serving.torchserve_api import PREFIX as TS_PREFIX
+from torchship.serving.torchserve_api import TorchServeManagement, TorchServePathsWSGI
 
 log = logging.getLogger("torchship.serving")
 
@@ -74,44 +79,55 @@ def create_app(
         if port_refuses(request.path, int(port) if port else None, settings.management_port):
             raise RouteNotFoundError(f"No route {request.path} on this port.")
 
-    @app.before_request
-    def _start_timer() -> None:
-        g.start = time.monotonic()
-        service.metrics.in_flight.inc()
+    # Request id, metrics, access line, X-Model-* headers: first and last of all hooks.
+    install_flask(app, RequestObserver.from_settings(service.metrics, settings))
 
-    @app.teardown_request
-    def _done(exc: BaseException | None) -> None:
-        if "start" in g:  # not when an earlier before_request refused the request
-            service.metrics.in_flight.dec()
+    gate = Gate.from_settings(settings)
+
+    def request_info() -> RequestInfo:
+        if "request_info" not in g:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            g.request_info = RequestInfo(request.method, request.path, headers, request.remote_addr)
+        info: RequestInfo = g.request_info
+        return info
+
+    @app.before_request
+    def _admit() -> Response | None:
+        """CORS preflight, then auth and rate limits (401 / 403 / 429)."""
+        preflight = gate.preflight(request_info())
+        if preflight is not None:
+            return Response(status=204, headers=preflight)
+        g.admission = gate.admit(request_info())
+        return None
 
     @app.after_request
-    def _observe(response: Response) -> Response:
-        rule = request.url_rule.rule if request.url_rule else "unmatched"
-        service.metrics.observe_request(
-            rule,
-            g.get("model", ""),
-            g.get("version", ""),
-            response.status_code,
-            time.monotonic() - g.get("start", time.monotonic()),
+    def _gate_headers(response: Response) -> Response:
+        # No 'Connection: close' while draining: hop-by-hop headers are the WSGI server's.
+        added = gate.response_headers(
+            request_info(), g.get("admission"), response.content_type, cache=g.get("cache")
         )
-        if g.get("version"):  # every answer says which version served it
-            response.headers["X-Model-Name"] = g.model
-            response.headers["X-Model-Version"] = g.version
+        for name, value in added.items():
+            response.headers.setdefault(name, value)
         return response
 
     # --- torchship API -----------------------------------------------------------
 
     @app.get("/")
     def index() -> Response:
-        ready, _ = service.readiness()
-        return _json(
-            {
-                "name": "torchship",
-                "version": __version__,
-                "ready": ready,
-                "models": service.model_names(),
-            }
-        )
+        if status_page.wants_html(request.headers.get("Accept")):
+            return Response(status_page.page(), content_type=status_page.HTML)
+        return _json(status_page.index(service))
+
+    @app.get(status_page.STATUS_PATH)
+    def status() -> Response:
+        return _json(status_page.status(service))
+
+    @app.get(status_page.STATIC_PREFIX + "<name>")
+    def static_asset(name: str) -> Response:
+        found = status_page.asset(name)
+        if found is None:
+            raise RouteNotFoundError(f"No asset {name!r}.")
+        return Response(found[0], content_type=found[1])
 
     @app.post("/predict")
     def predict() -> Response:
@@ -124,6 +140,7 @@ def create_app(
             headers=dict(request.headers.items()),
         )
         g.model, g.version = result.model, result.version
+        g.cache = result.extra.get("cache")
         return _json(result.to_dict())
 
     @app.get("/models")
@@ -137,6 +154,11 @@ def create_app(
     @app.get("/health/ready")
     def ready() -> Response:
         ok, details = service.readiness()
+        return _json(details, 200 if ok else 503, {} if ok else {"Retry-After": "1"})
+
+    @app.get("/health/startup")
+    def startup() -> Response:
+        ok, details = service.startup()
         return _json(details, 200 if ok else 503, {} if ok else {"Retry-After": "1"})
 
     @app.get("/metrics")
@@ -153,11 +175,19 @@ def create_app(
     @app.post("/predictions/<name>")
     @app.post("/predictions/<name>/<version>")
     def predictions(name: str, version: str | None = None) -> Response:
+        if mar_models.serves_archive(service, name):  # the archive's own handler answers
+            raw = _read_archive_request()
+            loaded, answer = mar_models.predict(
+                service, raw, name, version, dict(request.headers.items())
+            )
+            g.model, g.version = loaded.name, loaded.version
+            return Response(answer.body, status=answer.status, headers=answer.headers)
         payload, top_k = _read_payload()
         result = service.predict(
             payload, model=name, version=version, top_k=top_k, headers=dict(request.headers.items())
         )
         g.model, g.version = result.model, result.version
+        g.cache = result.extra.get("cache")
         return _json(protocols.torchserve_body(result))
 
     # --- Open Inference Protocol (V2) -------------------------------------------------
@@ -192,15 +222,73 @@ def create_app(
         headers = {k.lower(): v for k, v in request.headers.items()}
         with service.lease(name, version, headers) as (loaded, route):
             g.model, g.version = loaded.name, loaded.version
+            began = time.monotonic()
             v2_request, batch = protocols.v2_decode(
                 loaded, _read_body(), headers, max_items=settings.max_queue_size
+            )
+            service.metrics.observe_preprocess(
+                loaded.name, loaded.version, time.monotonic() - began
             )
             outputs = service.infer_tensor(loaded, batch, route)
             content, out_headers = protocols.v2_encode(loaded, v2_request, outputs)
         return Response(content, headers=out_headers)
 
     _management_routes(app, Management(service))
+    _torchserve_routes(app, TorchServeManagement(service))
+    # TorchServe's management paths (/models...) on the management port -> /manage/torchserve
+    app.wsgi_app = TorchServePathsWSGI(app.wsgi_app, settings.management_port)  # type: ignore[method-assign]
     return app
+
+
+def _torchserve_routes(app: Flask, ts: TorchServeManagement) -> None:
+    """TorchServe's management API under ``/manage/torchserve`` (and, on the management
+    port, at TorchServe's own ``/models...`` paths)."""
+    models = f"{TS_PREFIX}/models"
+
+    def answer(result: tuple[int, dict[str, str]]) -> Response:
+        return _json(result[1], result[0])
+
+    app.get(models, endpoint="ts_list")(
+        lambda: _json(
+            ts.list_models(request.args.get("limit"), request.args.get("next_page_token"))
+        )
+    )
+    app.post(models, endpoint="ts_register")(lambda: answer(ts.register(request.args.to_dict())))
+    for rule in (models + "/<name>", models + "/<name>/<version>"):
+        app.get(rule, endpoint=f"ts_describe{rule.count('<')}")(
+            lambda name, version=None: _json(ts.describe(name, version))
+        )
+        app.put(rule, endpoint=f"ts_scale{rule.count('<')}")(
+            lambda name, version=None: answer(ts.scale(name, version, request.args.to_dict()))
+        )
+        app.delete(rule, endpoint=f"ts_unregister{rule.count('<')}")(
+            lambda name, version=None: _json(ts.unregister(name, version))
+        )
+    app.put(models + "/<name>/<version>/set-default", endpoint="ts_set_default")(
+        lambda name, version: _json(ts.set_default(name, version))
+    )
+
+
+def _read_archive_request() -> mar_models.ArchiveRequest:
+    """The request as TorchServe hands it to a handler (form fields, or the body)."""
+    form = None
+    if payloads.media_type(request.content_type) in (
+        "multipart/form-data",
+        "application/x-www-form-urlencoded",
+    ):
+        form = [mar_models.FormField(k, v) for k, v in request.form.items(multi=True)]
+        form += [
+            mar_models.FormField(k, f.read(), f.content_type)
+            for k, f in request.files.items(multi=True)
+        ]
+    body = b"" if form is not None else _read_body()
+    return mar_models.archive_request(
+        body,
+        request.content_type,
+        dict(request.headers.items()),
+        request.args.items(multi=True),
+        form,
+    )
 
 
 def _management_routes(app: Flask, m: Management) -> None:
@@ -283,11 +371,17 @@ def _read_payload() -> tuple[Payload, int | None]:
 
 def app_from_env() -> Flask:
     """Factory for gunicorn worker processes: settings come from ``TORCHSHIP_*``."""
+    from torchship.monitoring.logs import configure_logging
     from torchship.settings import load_settings
 
+    settings = load_settings(cls=ServeSettings)
+    configure_logging(settings.log_format, access_log=settings.access_log)
     # Load before accepting: workers share one listening socket, so a worker that
     # accepted while still loading would answer 503 while its siblings could serve.
-    return create_app(load_settings(cls=ServeSettings), load_in_background=False)
+    app = create_app(settings, load_in_background=False)
+    service: InferenceService = app.extensions["torchship"]
+    install_drain_delay(service.begin_drain, service.settings.drain_delay_s)
+    return app
 
 
 def serve_gunicorn(settings: ServeSettings, workers: int) -> None:
@@ -309,9 +403,14 @@ def serve_gunicorn(settings: ServeSettings, workers: int) -> None:
             self.cfg.set("workers", workers)
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("threads", 8)
-            self.cfg.set("graceful_timeout", int(settings.graceful_timeout_s))
+            self.cfg.set(
+                "graceful_timeout", int(settings.graceful_timeout_s + settings.drain_delay_s)
+            )
             self.cfg.set("timeout", max(60, int(settings.timeout_s * 2)))
             self.cfg.set("loglevel", "warning")
+            # A worker that exits stops counting in the live metrics gauges.
+            self.cfg.set("child_exit", lambda _arbiter, worker: mark_worker_dead(worker.pid))
+            self.cfg.set("logger_class", gunicorn_logger_class())  # JSON/text like the rest
 
         def load(self) -> Flask:
             return app_from_env()

@@ -30,6 +30,9 @@ class Handler:
 
     predictor: Predictor
     max_image_pixels: int = 4096 * 4096
+    #: Tensor payloads up to this many numbers are preprocessed on the event loop
+    #: (FastAPI): checking a small array costs less than a hop to a worker thread.
+    inline_max_elements: int = 16384
 
     def setup(self, predictor: Predictor, *, max_image_pixels: int | None = None) -> None:
         self.predictor = predictor
@@ -56,6 +59,16 @@ class Handler:
                 )
             return preprocess_image(payload.data, spec, max_pixels=self.max_image_pixels)[None]
         raise InvalidInputError(f"Unsupported payload {type(payload).__name__}.")
+
+    def cheap(self, payload: Payload) -> bool:
+        """True when ``preprocess(payload)`` is quick enough to run on the event loop.
+
+        A subclass that overrides ``preprocess`` always gets a worker thread unless it
+        overrides this too: its preprocessing may block.
+        """
+        if type(self).preprocess is not Handler.preprocess:
+            return False
+        return isinstance(payload, TensorPayload) and payload.array.size <= self.inline_max_elements
 
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
         return self.predictor.predict(batch)
@@ -120,9 +133,20 @@ def load_handler(spec: str) -> Handler:
         cls = getattr(module, attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"Cannot load handler {spec!r}: {exc}") from exc
+    if isinstance(cls, type) and not issubclass(cls, Handler) and _torchserve_contract(cls):
+        from torchship.torchserve.contract import ContractHandler
+
+        return ContractHandler(cls())  # a TorchServe handler class, over the store's model
     if not (isinstance(cls, type) and issubclass(cls, Handler)):
         raise ConfigError(
-            f"{spec!r} is not a Handler subclass.",
-            hint="Subclass torchship.serving.ClassifierHandler (or Handler) and override its hooks.",
+            f"{spec!r} is not a Handler subclass (nor a TorchServe handler class).",
+            hint="Subclass torchship.serving.ClassifierHandler (or Handler) and override its "
+            "hooks, or give a class with TorchServe's preprocess/inference/postprocess/handle.",
         )
     return cls()
+
+
+def _torchserve_contract(cls: type) -> bool:
+    """TorchServe's handler contract: handle(data, context) and its three stages."""
+    hooks = ("handle", "preprocess", "inference", "postprocess")
+    return all(callable(getattr(cls, h, None)) for h in hooks)

@@ -21,7 +21,7 @@ JSON = "application/json"
 def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, JSON body, headers) for ``exc``; unknown errors are logged once and hidden."""
     if isinstance(exc, TorchshipError):
-        headers: dict[str, str] = {}
+        headers: dict[str, str] = exc.response_headers()
         if isinstance(exc, ServiceUnavailableError):
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
         if "version" in exc.details and "model" in exc.details:
@@ -54,11 +54,16 @@ MANAGEMENT_PREFIX = "/manage"
 _SHARED = ("/health/", "/metrics")
 
 
+def is_management(path: str) -> bool:
+    """True for the management API's routes: they need the admin scope when auth is on,
+    and live on the management port when one is set."""
+    return path == MANAGEMENT_PREFIX or path.startswith(MANAGEMENT_PREFIX + "/")
+
+
 def port_refuses(path: str, port: int | None, management_port: int | None) -> bool:
     """True when ``path`` must not be answered on ``port``: with a management port set,
     management routes live only there and inference routes only elsewhere (health and
     metrics answer on both)."""
     if management_port is None or port is None or path.startswith(_SHARED):
         return False
-    is_management = path == MANAGEMENT_PREFIX or path.startswith(MANAGEMENT_PREFIX + "/")
-    return is_management != (port == management_port)
+    return is_management(path) != (port == management_port)

@@ -12,12 +12,23 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
+from torchship.monitoring.logs import configure_logging
+from torchship.serving.metrics import (
+    MULTIPROC_ENV,
+    mark_worker_dead,
+    multiprocess_dir,
+    prepare_multiprocess_dir,
+)
 from torchship.serving.settings import ServeSettings
 
 log = logging.getLogger("torchship.serving")
@@ -36,6 +47,7 @@ def settings_to_env(settings: ServeSettings) -> dict[str, str]:
 
 def serve(settings: ServeSettings) -> None:
     workers = settings.worker_count()
+    configure_logging(settings.log_format, access_log=settings.access_log)
     log.warning(
         "torchship serving %s with %s on http://%s:%d (%d worker%s, %d thread%s each)",
         ", ".join(settings.models),
@@ -47,12 +59,33 @@ def serve(settings: ServeSettings) -> None:
         settings.threads_per_worker(),
         "s" if settings.threads_per_worker() > 1 else "",
     )
-    if settings.framework == "fastapi":
-        _serve_uvicorn(settings, workers)
-    else:
-        from torchship.serving.flask_app import serve_gunicorn
+    with metrics_dir(workers):
+        if settings.framework == "fastapi":
+            _serve_uvicorn(settings, workers)
+        else:
+            from torchship.serving.flask_app import serve_gunicorn
 
-        serve_gunicorn(settings, workers)
+            serve_gunicorn(settings, workers)
+
+
+@contextlib.contextmanager
+def metrics_dir(workers: int) -> Iterator[Path | None]:
+    """Where worker processes share their Prometheus metrics, so a scrape of any worker
+    counts them all: a fresh temporary folder per multi-worker server, removed when it
+    exits. A folder set in ``PROMETHEUS_MULTIPROC_DIR`` is used (emptied first) and kept."""
+    given = multiprocess_dir()
+    if given is None and workers <= 1:
+        yield None  # one process: its own registry
+        return
+    path = given or Path(tempfile.mkdtemp(prefix="torchship-metrics-"))
+    prepare_multiprocess_dir(path)
+    os.environ[MULTIPROC_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        if given is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 class _Server(uvicorn.Server):
@@ -72,7 +105,8 @@ def _uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
         "port": settings.port,
         "log_level": "warning",
         "timeout_graceful_shutdown": int(settings.graceful_timeout_s),
-        "access_log": False,
+        "access_log": False,  # torchship writes its own access lines
+        "log_config": None,  # uvicorn's lines go through torchship's (JSON or text) handler
     }
 
 
@@ -108,8 +142,6 @@ def _serve_uvicorn(settings: ServeSettings, workers: int) -> None:
 
         run_fastapi(create_app(settings), settings)
         return
-    from uvicorn.supervisors import Multiprocess
-
     os.environ.update(settings_to_env(settings))
     config = uvicorn.Config(
         "torchship.serving.fastapi_app:app_from_env",
@@ -117,4 +149,22 @@ def _serve_uvicorn(settings: ServeSettings, workers: int) -> None:
         workers=workers,
         **_uvicorn_options(settings),
     )
-    Multiprocess(config, sockets=_sockets(config, settings)).run()
+    _Supervisor(config, sockets=_sockets(config, settings)).run()
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's worker supervisor, telling the metrics when a worker is gone (a crash
+    replaced, or a SIGHUP restart) so its live gauges stop counting."""
+
+    def _reaping(self, step: Any) -> None:
+        before = {p.pid for p in self.processes}
+        step()
+        for pid in before - {p.pid for p in self.processes}:
+            if pid is not None:
+                mark_worker_dead(pid)
+
+    def keep_subprocess_alive(self) -> None:
+        self._reaping(super().keep_subprocess_alive)
+
+    def restart_all(self) -> None:
+        self._reaping(super().restart_all)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from torchship.batching import BatchScaling, DynamicBatcher, measure_batch_scaling
+from torchship.batching.scaling import BatchMeasurement
 from torchship.errors import (
     ConflictError,
     InvalidInputError,
@@ -34,12 +35,22 @@ from torchship.errors import (
     TorchshipError,
     VersionNotFoundError,
 )
+from torchship.monitoring.logs import note_model
 from torchship.rollout import Route
 from torchship.runtime import Predictor, load_predictor, set_threads
+from torchship.runtime.tuning import TuningCache, tuning_key
 from torchship.serving.handlers import Handler, default_handler, load_handler
 from torchship.serving.metrics import ServiceMetrics
-from torchship.serving.payloads import Payload
-from torchship.serving.settings import ServeSettings
+from torchship.serving.payloads import ImagePayload, Payload
+from torchship.serving.policies.cache import (
+    BYPASS,
+    HIT,
+    MISS,
+    ResponseCache,
+    cache_control,
+    model_fingerprint,
+)
+from torchship.serving.settings import ServeSettings, archive_spec
 from torchship.serving.traffic import Traffic
 from torchship.store import ModelStore, parse_ref, validate_name
 
@@ -105,6 +116,7 @@ class LoadedModel:
             "max_batch_size": self.batcher.max_batch_size,
             "max_delay_ms": self.batcher.max_delay_ms,
             "batch_scaling": self.scaling.as_rows() if self.scaling else None,
+            "batch_scaling_remembered": bool(self.scaling and self.scaling.cached),
             "input": spec.model_dump() if spec else None,
             "labels": self.predictor.labels,
             "metrics": self.predictor.manifest.metrics,
@@ -137,13 +149,20 @@ class InferenceService:
     def __init__(self, settings: ServeSettings | None = None, store: ModelStore | None = None):
         self.settings = settings or ServeSettings()
         self.store = store or ModelStore(self.settings.store)
+        self.tuning = TuningCache(
+            self.store.root, enabled=self.settings.tuning_cache, refresh=self.settings.retune
+        )
         self.metrics = ServiceMetrics()
+        self.metrics.readiness = lambda: self.readiness()[0]
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._defaults: dict[str, str] = {}  # name -> default version
         self._order: list[str] = []  # names, first = default model
         self._lock = threading.Lock()
         self._started = False
-        self.draining = False
+        self.draining = False  # not ready (SIGTERM seen); still serves until _stopping
+        self._stopping = False
+        self.cache = ResponseCache.from_settings(self.settings)
+        self._fingerprints: dict[tuple[str, str], str] = {}
         self.admin_lock = threading.RLock()  # serialises load/unload/policy changes
         self.traffic = Traffic(self.store, admin_lock=self.admin_lock)
         self.load_errors: dict[str, str] = {}
@@ -162,6 +181,7 @@ class InferenceService:
             self.traffic.attach(name, self._defaults[name], functools.partial(self._ensure, name))
         self.traffic.start()
         self._started = True
+        self.metrics.server_ready.set(1 if self.readiness()[0] else 0)
         return self
 
     def _ensure(self, name: str, version: str) -> bool:
@@ -179,6 +199,12 @@ class InferenceService:
     def load(
         self, ref: str, *, threads: int | None = None, handler: Handler | None = None
     ) -> LoadedModel:
+        if archive_spec(ref) is not None:  # a TorchServe .mar: its own handler serves it
+            from torchship.serving.mar_models import load_archive
+
+            archived = load_archive(self, ref)
+            self.install(archived)
+            return archived
         s = self.settings
         start = time.monotonic()
         runtime, max_batch_size, max_delay_ms = s.options_for(parse_ref(ref)[0])
@@ -192,6 +218,7 @@ class InferenceService:
                 threads=threads or s.threads_per_worker(),
                 trust_pickle=s.trust_pickle,
                 warmup=s.warmup,
+                tuning=self.tuning,
             )
             if handler is None:
                 custom = s.handlers.get(predictor.name)
@@ -199,7 +226,7 @@ class InferenceService:
             handler.setup(predictor, max_image_pixels=s.max_image_pixels)
             scaling = None
             if max_batch_size == "auto":
-                scaling = _measure_scaling(predictor) if s.warmup else None
+                scaling = _measure_scaling(predictor, self.tuning) if s.warmup else None
                 max_batch = scaling.chosen if scaling else 8
             else:
                 max_batch = max_batch_size
@@ -247,16 +274,7 @@ class InferenceService:
         )
         batcher.start()
         loaded = LoadedModel(predictor, handler, batcher, time.monotonic() - start, scaling, True)
-        with self._lock:
-            old = self._models.get((name, version))
-            self._models[(name, version)] = loaded
-            if name not in self._defaults:
-                self._defaults[name] = version
-                self._order.append(name)
-        if old is not None:
-            old.retire(self.settings.graceful_timeout_s)
-        self.metrics.load_seconds.labels(name, version).set(loaded.load_seconds)
-        self.metrics.ready.labels(name, version).set(1)
+        self.install(loaded)
         log.info(
             "loaded %s:%s runtime=%s max_batch_size=%d in %.2fs%s",
             name,
@@ -268,27 +286,54 @@ class InferenceService:
         )
         return loaded
 
-    def unload(self, name: str, version: str) -> None:
-        """Stop serving one version: out of routing first, then its queue drains."""
+    def install(self, loaded: LoadedModel) -> None:
+        """Put a loaded version into service (replacing a loaded one of the same version).
+        A model name new to a started service gets its traffic router here."""
+        name, version = loaded.name, loaded.version
+        with self._lock:
+            old = self._models.get((name, version))
+            self._models[(name, version)] = loaded
+            new_name = name not in self._defaults
+            if new_name:
+                self._defaults[name] = version
+                self._order.append(name)
+        self._fingerprints[(name, version)] = model_fingerprint(loaded)
+        if new_name and self._started:
+            self.traffic.attach(name, version, functools.partial(self._ensure, name))
+        if old is not None:
+            old.retire(self.settings.graceful_timeout_s)
+            self._invalidate(name, version)
+        self.metrics.model_loaded(name, version, loaded.load_seconds)
+
+    def unload(self, name: str, version: str, *, remove_model: bool = False) -> None:
+        """Stop serving one version: out of routing first, then its queue drains.
+
+        The last loaded version of a model goes only with ``remove_model`` (TorchServe's
+        unregister), and the model with it."""
         with self._lock:
             loaded = self._models.get((name, version))
             if loaded is None:
                 raise VersionNotFoundError(f"{name}:{version} is not loaded.")
             others = [v for (n, v) in self._models if n == name and v != version]
-            if not others:
+            if not others and not remove_model:
                 raise ConflictError(
                     f"{name}:{version} is the only loaded version of {name}.",
                     hint="Load another version first.",
                 )
             del self._models[(name, version)]
-            if self._defaults[name] == version:
+            if not others:
+                del self._defaults[name]
+                self._order.remove(name)
+            elif self._defaults[name] == version:
                 self._defaults[name] = others[0]
         loaded.retire(self.settings.graceful_timeout_s)
-        self.metrics.ready.labels(name, version).set(0)
+        self._invalidate(name, version)
+        self.metrics.model_stopped(name, version)
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; finish the queued ones when ``drain``."""
         self.draining = True
+        self._stopping = True
         self.traffic.stop()
         with self._lock:
             models = list(self._models.values())
@@ -300,7 +345,8 @@ class InferenceService:
                 m.ready = False
                 m.batcher.stop(drain=False, timeout=limit)
                 m.predictor.close()
-            self.metrics.ready.labels(m.name, m.version).set(0)
+            self.metrics.model_stopped(m.name, m.version)
+        self.metrics.server_ready.set(0)
 
     # --- lookup ---------------------------------------------------------------------
 
@@ -348,7 +394,7 @@ class InferenceService:
                     f"Model {name!r} has no served version {version!r}.",
                     hint=f"Served versions: {', '.join(served)}.",
                 )
-            if not loaded.ready or self.draining:
+            if not loaded.ready or self._stopping:
                 raise ModelNotReadyError(f"{name}:{loaded.version} is not ready.", retry_after=1.0)
             if lease:  # under the lock, so an unload cannot retire it in between
                 loaded.acquire()
@@ -384,6 +430,7 @@ class InferenceService:
                 validate_name(name)
             route = self.traffic.route(name, headers) if name else None
         loaded = self.get(name, route.version if route else version, lease=True)
+        note_model(loaded.name, loaded.version)  # on the request's log lines and metrics
         try:
             yield loaded, route
         finally:
@@ -401,11 +448,20 @@ class InferenceService:
         """Blocking path (Flask/gunicorn threads)."""
         start = time.monotonic()
         with self.lease(model, version, headers) as (loaded, route):
+            cached, key, status = self._cached(loaded, payload, top_k, headers, start)
+            if cached is not None:
+                return cached
             with self._observed(loaded, route, start):
+                began = time.monotonic()
                 batch = loaded.handler.preprocess(payload)
+                self.metrics.observe_preprocess(
+                    loaded.name, loaded.version, time.monotonic() - began
+                )
                 outputs = self._run_items(loaded, batch)
             self._mirror(loaded, route, batch, outputs)
-            return self._finish(loaded, outputs, top_k, start)
+            result = self._finish(loaded, outputs, top_k, start)
+            self._remember(key, status, result)
+            return result
 
     async def apredict(
         self,
@@ -419,11 +475,31 @@ class InferenceService:
         """Async path (FastAPI): decoding in a worker thread, inference on the batcher's."""
         start = time.monotonic()
         with self.lease(model, version, headers) as (loaded, route):
+            if self.cache is not None and (self.cache.remote or _large(payload)):
+                cached, key, status = await asyncio.to_thread(
+                    self._cached, loaded, payload, top_k, headers, start
+                )
+            else:
+                cached, key, status = self._cached(loaded, payload, top_k, headers, start)
+            if cached is not None:
+                return cached
             with self._observed(loaded, route, start):
-                batch = await asyncio.to_thread(loaded.handler.preprocess, payload)
+                began = time.monotonic()
+                if loaded.handler.cheap(payload):  # a thread hop would cost more
+                    batch = loaded.handler.preprocess(payload)
+                else:
+                    batch = await asyncio.to_thread(loaded.handler.preprocess, payload)
+                self.metrics.observe_preprocess(
+                    loaded.name, loaded.version, time.monotonic() - began
+                )
                 outputs = await self._arun_items(loaded, batch)
             self._mirror(loaded, route, batch, outputs)
-            return self._finish(loaded, outputs, top_k, start)
+            result = self._finish(loaded, outputs, top_k, start)
+            if self.cache is not None and self.cache.remote and key is not None:
+                await asyncio.to_thread(self._remember, key, status, result)
+            else:
+                self._remember(key, status, result)
+            return result
 
     def infer_tensor(
         self, loaded: LoadedModel, batch: torch.Tensor, route: Route | None = None
@@ -443,10 +519,9 @@ class InferenceService:
 
     @contextlib.contextmanager
     def _observed(self, loaded: LoadedModel, route: Route | None, start: float) -> Iterator[None]:
-        """Feed a routed request's outcome to its policy's SLO guard; count server errors.
-
-        Client errors (4xx) say nothing about the version and are not counted.
-        """
+        """Feed a routed request's outcome to its policy's SLO guard (server errors only:
+        client errors (4xx) say nothing about the version). Error metrics are counted by
+        the front ends, from the response each error becomes."""
         router = self.traffic.router(loaded.name) if route is not None else None
         try:
             yield
@@ -455,10 +530,8 @@ class InferenceService:
                 exc.details.setdefault("model", loaded.name)
                 exc.details.setdefault("version", loaded.version)
             status = exc.status_code if isinstance(exc, TorchshipError) else 500
-            if status >= 500:
-                self.metrics.errors.labels(loaded.name, loaded.version, type(exc).__name__).inc()
-                if router is not None:
-                    router.observe(loaded.version, False, time.monotonic() - start)
+            if status >= 500 and router is not None:
+                router.observe(loaded.version, False, time.monotonic() - start)
             raise
         if router is not None:
             router.observe(loaded.version, True, time.monotonic() - start)
@@ -524,6 +597,8 @@ class InferenceService:
 
     async def _arun_items(self, loaded: LoadedModel, batch: torch.Tensor) -> list[torch.Tensor]:
         items = self._split(batch)
+        if len(items) == 1:  # the common case: no task or gather to pay for
+            return [await loaded.batcher.asubmit(items[0])]
         tasks = [asyncio.ensure_future(loaded.batcher.asubmit(item)) for item in items]
         try:
             return list(await asyncio.gather(*tasks))
@@ -560,7 +635,66 @@ class InferenceService:
             latency_ms=(time.monotonic() - start) * 1000,
         )
 
+    # --- response cache -------------------------------------------------------------
+
+    def _cached(
+        self,
+        loaded: LoadedModel,
+        payload: Payload,
+        top_k: int | None,
+        headers: Mapping[str, str] | None,
+        start: float,
+    ) -> tuple[Prediction | None, str | None, str | None]:
+        """(the cached answer, the key to store a fresh one under, the X-Cache status).
+
+        Called after routing chose the version, so the key holds the version served.
+        """
+        if self.cache is None:
+            return None, None, None
+        lookup, store = cache_control(headers)
+        fingerprint = self._fingerprints.get((loaded.name, loaded.version), "")
+        key = ResponseCache.key(loaded, fingerprint, payload, top_k or self.settings.top_k)
+        if key is None or not lookup:
+            return None, key if store else None, BYPASS
+        value = self.cache.get(key, loaded.name, loaded.version)
+        if not isinstance(value, dict):
+            return None, key, MISS
+        return (
+            Prediction(
+                model=loaded.name,
+                version=loaded.version,
+                runtime=str(value.get("runtime", loaded.predictor.runtime)),
+                predictions=list(value.get("predictions", [])),
+                latency_ms=(time.monotonic() - start) * 1000,
+                extra={"cache": HIT},
+            ),
+            None,
+            HIT,
+        )
+
+    def _remember(self, key: str | None, status: str | None, result: Prediction) -> None:
+        if status is not None:
+            result.extra["cache"] = status
+        if self.cache is not None and key is not None:
+            self.cache.put(key, {"runtime": result.runtime, "predictions": result.predictions})
+
+    def _invalidate(self, name: str, version: str) -> None:
+        """A version loaded over or unloaded: its cached answers go."""
+        if self.cache is not None:
+            dropped = self.cache.invalidate(name, version)
+            if dropped:
+                log.info("dropped %d cached answers of %s:%s", dropped, name, version)
+
     # --- health ---------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Not ready from now on (load balancers stop sending), still serving: the first
+        step of a graceful shutdown with a drain delay."""
+        self.draining = True
+
+    def startup(self) -> tuple[bool, dict[str, Any]]:
+        """Startup probe: True once the configured models loaded (stays True after)."""
+        return self._started, {"started": self._started, "models": self.model_names()}
 
     def live(self) -> bool:
         return True
@@ -574,7 +708,8 @@ class InferenceService:
             and not self.draining
             and bool(models)
             and all(status.values())
-            and len(self._order) >= len({parse_ref(r)[0] for r in self.settings.models})
+            and len(self._order)
+            >= len({parse_ref(r)[0] for r in self.settings.models if archive_spec(r) is None})
         )
         return ready, {"ready": ready, "draining": self.draining, "models": status}
 
@@ -587,14 +722,36 @@ class InferenceService:
             )
 
 
+def _large(payload: Payload) -> bool:
+    """Worth hashing off the event loop (about a millisecond per MB)."""
+    size = len(payload.data) if isinstance(payload, ImagePayload) else payload.array.nbytes
+    return size > 256 * 1024
+
+
 def _items(batch: torch.Tensor) -> list[torch.Tensor]:
     if batch.ndim == 0 or len(batch) == 0:
         raise InvalidInputError("The request holds no items.")
     return list(batch.unbind(0))
 
 
-def _measure_scaling(predictor: Predictor) -> BatchScaling | None:
-    """Measure items/s against batch size on real examples and cap where it stops paying."""
+def _measure_scaling(predictor: Predictor, tuning: TuningCache) -> BatchScaling | None:
+    """Measure items/s against batch size on real examples and cap where it stops paying.
+
+    Remembered per model, machine, runtime and thread count (``tuning``), so only the
+    first start on a machine pays the second it takes.
+    """
+    manifest = predictor.manifest
+    key = tuning_key(
+        manifest,
+        device=str(predictor.device),
+        threads=torch.get_num_threads(),
+        runtime=predictor.runtime,
+        sizes=SCALING_SIZES,
+    )
+    remembered = _remembered_scaling(tuning.get(manifest, "batch_scaling", key))
+    if remembered is not None:
+        log.info("%s batch scaling (remembered):\n%s", manifest.ref, remembered.table())
+        return remembered
     samples = {n: predictor.sample_batch(n) for n in SCALING_SIZES}
     if any(v is None for v in samples.values()):
         return None
@@ -603,8 +760,33 @@ def _measure_scaling(predictor: Predictor) -> BatchScaling | None:
         predictor.predict(samples[n])  # type: ignore[arg-type]
 
     scaling = measure_batch_scaling(run, SCALING_SIZES, budget_s=1.0)
-    log.info("%s batch scaling:\n%s", predictor.manifest.ref, scaling.table())
+    log.info("%s batch scaling:\n%s", manifest.ref, scaling.table())
+    tuning.put(
+        manifest,
+        "batch_scaling",
+        key,
+        {
+            "chosen": scaling.chosen,
+            "min_gain": scaling.min_gain,
+            "rows": [[m.batch_size, m.seconds_per_batch, m.repeats] for m in scaling.measurements],
+            "failed": {str(k): v for k, v in scaling.failed.items()},
+        },
+    )
     return scaling
+
+
+def _remembered_scaling(entry: dict[str, Any] | None) -> BatchScaling | None:
+    if entry is None:
+        return None
+    try:
+        rows = tuple(BatchMeasurement(int(b), float(s), int(r)) for b, s, r in entry["rows"])
+        chosen = int(entry["chosen"])
+        if chosen not in {m.batch_size for m in rows}:
+            return None
+        failed = {int(k): str(v) for k, v in dict(entry.get("failed", {})).items()}
+        return BatchScaling(rows, chosen, float(entry["min_gain"]), failed=failed, cached=True)
+    except (KeyError, TypeError, ValueError):
+        return None  # an unreadable entry: measure again
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:

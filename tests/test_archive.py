@@ -1,0 +1,601 @@
+"""TorchServe model archives: building, safe reading, and native serving (no Java).
+
+Real tiny digits models; archives built by torchship and by torch-model-archiver; the
+FastAPI and Flask apps in-process, and one real server on loopback sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from archive_utils import (
+    BASE_HANDLER_SOURCE,
+    DIGIT_PNG,
+    HANDLERS,
+    MANIFEST_PATH,
+    digits_store,
+    manifest_bytes,
+    model_archiver,
+    png_of_digit,
+    symlink_entry,
+    write_zip,
+)
+from fastapi.testclient import TestClient
+from serving_utils import free_port, run_server
+
+from torchship.archive import (
+    ArchiveError,
+    ArchiveLimits,
+    ArchiveTooLargeError,
+    ModelConfig,
+    UnsafeArchiveError,
+    build_archive,
+    extract_archive,
+    inspect_archive,
+)
+from torchship.serving.fastapi_app import create_app
+from torchship.serving.settings import ServeSettings
+from torchship.store import ModelStore
+from torchship.zoo import digits
+
+MGMT = 18181  # the in-process apps' management port (no socket is bound)
+
+
+@pytest.fixture(scope="module")
+def workspace(
+    tmp_path_factory: pytest.TempPathFactory,
+    quick_mlp: torch.nn.Module,
+    digits_data: digits.DigitsData,
+) -> tuple[ModelStore, Path]:
+    root = tmp_path_factory.mktemp("archives")
+    store = digits_store(root, quick_mlp, digits_data)
+    model_store = root / "model_store"
+    cfg = ModelConfig(batch_size=8, max_batch_delay_ms=2)
+    build_archive(
+        store, "digits", handler="image", export_path=model_store, model_name="img", config=cfg
+    )
+    build_archive(
+        store,
+        "digits",
+        handler="tensor",
+        export_path=model_store,
+        model_name="tens",
+        runtime="eager",
+    )
+    build_archive(
+        store,
+        "digits",
+        handler="tensor",
+        export_path=model_store,
+        model_name="tens",
+        version="2",
+        runtime="torchscript",
+        overwrite=True,
+    )
+    (model_store / "tens.mar").rename(model_store / "tens_v2.mar")
+    build_archive(
+        store,
+        "digits",
+        handler="tensor",
+        export_path=model_store,
+        model_name="tens",
+        runtime="eager",
+    )
+    handler = root / "json_digits.py"
+    handler.write_text(BASE_HANDLER_SOURCE)
+    model_archiver(store, model_store, "tma_base", "1.0", handler)
+    model_archiver(store, model_store, "tma_image", "1.0", HANDLERS / "digits_image.py")
+    return store, model_store
+
+
+@pytest.fixture(scope="module")
+def client(workspace: tuple[ModelStore, Path]) -> Iterator[TestClient]:
+    store, model_store = workspace
+    settings = ServeSettings(
+        store=store.root,
+        models=["digits", "img.mar", "tens=tens.mar", "tma_base.mar", "tma_image=tma_image.mar"],
+        model_store=model_store,
+        management_port=MGMT,
+        warmup=False,
+        runtime="torchscript",
+    )
+    with TestClient(create_app(settings, load_in_background=False)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def admin(client: TestClient) -> TestClient:
+    """The same app, called on its management port (lifespan already run by ``client``)."""
+    return TestClient(client.app, base_url=f"http://testserver:{MGMT}")
+
+
+# --- building -------------------------------------------------------------------------------
+
+
+def test_built_archive_is_what_torchserve_expects(workspace: tuple[ModelStore, Path]) -> None:
+    _, model_store = workspace
+    with zipfile.ZipFile(model_store / "img.mar") as zf:
+        names = set(zf.namelist())
+        manifest = json.loads(zf.read(MANIFEST_PATH))
+        config = zf.read("model-config.yaml").decode()
+    assert names == {
+        "model.pt",
+        "digits_image.py",
+        "index_to_name.json",
+        "torchship.json",
+        "model-config.yaml",
+        MANIFEST_PATH,
+    }
+    assert manifest["runtime"] == "python"
+    assert manifest["model"] == {
+        "modelName": "img",
+        "serializedFile": "model.pt",
+        "handler": "digits_image.py",
+        "modelVersion": "1",
+        "configFile": "model-config.yaml",
+    }
+    assert "batchSize: 8" in config and "maxBatchDelay: 2" in config
+    eager = inspect_archive(model_store / "tens.mar").manifest.model
+    assert (eager.model_file, eager.handler) == ("model.py", "tensor.py")
+
+
+def test_build_refuses_what_would_not_work(
+    workspace: tuple[ModelStore, Path], tmp_path: Path
+) -> None:
+    store, model_store = workspace
+    with pytest.raises(ArchiveError, match="already exists"):
+        build_archive(store, "digits", handler="image", export_path=model_store, model_name="img")
+    with pytest.raises(ArchiveError, match="neither a shipped handler"):
+        build_archive(store, "digits", handler="nope", export_path=tmp_path)
+    with pytest.raises(ArchiveError, match="max_workers cannot be less"):
+        ModelConfig(min_workers=2, max_workers=1)
+
+
+def test_archives_from_torch_model_archiver_are_read(workspace: tuple[ModelStore, Path]) -> None:
+    _, model_store = workspace
+    info = inspect_archive(model_store / "tma_base.mar")
+    assert info.manifest.model.model_name == "tma_base"
+    assert info.manifest.archiver_version == "0.12.0"
+    assert {"model.pt", "json_digits.py", "index_to_name.json"} <= info.files
+
+
+# --- safe reading ---------------------------------------------------------------------------
+
+HOSTILE = {
+    "zip-slip": ([("../escaped.py", b"x")], UnsafeArchiveError, "outside the archive"),
+    "absolute": ([("/tmp/abs.py", b"x")], UnsafeArchiveError, "absolute path"),
+    "backslash": ([("..\\win.py", b"x")], UnsafeArchiveError, "backslash"),
+    "symlink": ([symlink_entry("handler.py", "/etc/passwd")], UnsafeArchiveError, "symbolic link"),
+    "bomb": ([("model.pt", bytes(4 << 20))], ArchiveTooLargeError, "decompression bomb"),
+    "duplicate": ([("a.txt", b"1"), ("a.txt", b"2")], UnsafeArchiveError, "twice"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_archives_are_refused_and_leave_nothing(case: str, tmp_path: Path) -> None:
+    entries, error, message = HOSTILE[case]
+    path = write_zip(tmp_path / f"{case}.mar", [*entries, (MANIFEST_PATH, manifest_bytes())])
+    with pytest.raises(error, match=message) as info:
+        extract_archive(path, tmp_path / "out")
+    assert 400 <= info.value.status_code < 500
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path.parent / "escaped.py").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp folder left
+
+
+def test_limits_manifest_and_references_are_checked(tmp_path: Path) -> None:
+    many = write_zip(tmp_path / "many.mar", [(f"f{i}", b"") for i in range(5)])
+    with pytest.raises(ArchiveTooLargeError, match="entries"):
+        inspect_archive(many, ArchiveLimits(max_entries=3))
+    big = write_zip(tmp_path / "big.mar", [("a", b"x" * 5000), (MANIFEST_PATH, manifest_bytes())])
+    with pytest.raises(ArchiveTooLargeError, match="unpacks to more than"):
+        inspect_archive(big, ArchiveLimits(max_total_bytes=1000))
+    none = write_zip(tmp_path / "none.mar", [("handler.py", b"")])
+    with pytest.raises(ArchiveError, match="no MAR-INF/MANIFEST.json"):
+        inspect_archive(none)
+    bad = write_zip(tmp_path / "bad.mar", [(MANIFEST_PATH, b"{not json")])
+    with pytest.raises(ArchiveError, match="not a valid TorchServe manifest"):
+        inspect_archive(bad)
+    missing = write_zip(
+        tmp_path / "missing.mar", [(MANIFEST_PATH, manifest_bytes(serializedFile="model.pt"))]
+    )
+    with pytest.raises(ArchiveError, match="serializedFile 'model.pt' is not in the archive"):
+        inspect_archive(missing)
+    (tmp_path / "text.mar").write_text("not a zip")
+    with pytest.raises(ArchiveError, match="not a readable zip"):
+        inspect_archive(tmp_path / "text.mar")
+
+
+# --- native serving: TorchServe's inference API -----------------------------------------------
+
+
+def test_archives_answer_like_the_store_model(
+    client: TestClient, digits_data: digits.DigitsData
+) -> None:
+    x = digits_data.x_test[:4]
+    png = png_of_digit(x[0])
+    store_answer = client.post(
+        "/predictions/digits", content=png, headers={"content-type": "image/png"}
+    ).json()
+    answers = {}
+    for name in ("img", "tma_image"):
+        r = client.post(f"/predictions/{name}", content=png, headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-model-name"] == name
+        answers[name] = r.json()
+        assert list(answers[name]) == list(store_answer)  # the same top-5 labels, in order
+        assert answers[name] == pytest.approx(store_answer, abs=1e-5)
+    form = client.post("/predictions/img", files={"data": ("d.png", png, "image/png")})
+    assert form.json() == answers["img"]
+    store_many = client.post("/predictions/digits", json={"inputs": x.tolist()}).json()
+    many = client.post("/predictions/tens", json={"inputs": x.tolist()}).json()
+    assert len(many) == 4
+    for got, want in zip(many, store_many, strict=True):
+        assert list(got) == list(want) and got == pytest.approx(want, abs=1e-5)
+    one = client.post("/predictions/tens", json={"inputs": x[0].tolist()}).json()
+    assert one == many[0]
+
+
+def test_base_handler_archive_from_torch_model_archiver(
+    client: TestClient, digits_data: digits.DigitsData
+) -> None:
+    x = digits_data.x_test[:16]
+    expected = client.post("/predictions/tens", json={"inputs": x.tolist()}).json()
+    for i in range(len(x)):
+        got = client.post("/predictions/tma_base", json={"inputs": x[i].tolist()}).json()
+        assert list(got) == [max(expected[i], key=expected[i].get)]
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(client: TestClient) -> None:
+    png = DIGIT_PNG.read_bytes()
+    r = client.post(
+        "/predictions/img", content=b"not an image", headers={"content-type": "image/png"}
+    )
+    assert r.status_code == 400 and r.json()["code"] == "invalid_image"
+    r = client.post("/predictions/tens", json={"inputs": [1, 2]})
+    assert r.status_code == 400 and "shape" in r.json()["error"]
+    r = client.post("/predict?model=img", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 400 and "/predictions/img" in r.json()["hint"]
+    assert client.post("/predictions/nope", content=png).status_code == 404
+    r = client.post("/predictions/img", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 200 and max(r.json(), key=r.json().get) == "7"
+
+
+def test_one_bad_request_does_not_fail_its_batch(client: TestClient) -> None:
+    png = DIGIT_PNG.read_bytes()
+    bodies = [png, b"garbage"] * 6
+    results: list[int] = [0] * len(bodies)
+
+    def send(i: int) -> None:
+        r = client.post(
+            "/predictions/img", content=bodies[i], headers={"content-type": "image/png"}
+        )
+        results[i] = r.status_code
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200, 400] * 6
+
+
+def test_torchserve_routes_are_not_on_the_inference_port(client: TestClient) -> None:
+    assert client.get("/models/img").status_code == 404
+    assert client.get("/manage/torchserve/models").status_code == 404
+    assert "models" in client.get("/models").json()  # torchship's own list stays
+
+
+# --- native serving: TorchServe's management API ------------------------------------------------
+
+
+def test_list_and_describe(admin: TestClient) -> None:
+    listed = admin.get("/models").json()
+    names = [m["modelName"] for m in listed["models"]]
+    assert names == sorted(names) and {"img", "tens", "digits", "tma_base"} <= set(names)
+    assert {"modelName": "img", "modelUrl": "img.mar"} in listed["models"]
+    page = admin.get("/models", params={"limit": 2}).json()
+    assert len(page["models"]) == 2 and page["nextPageToken"] == "2"
+    rest = admin.get("/models", params={"limit": 2, "next_page_token": 2}).json()
+    assert rest["models"][0]["modelName"] == names[2]
+    assert admin.get("/models", params={"limit": "x"}).status_code == 400
+    [img] = admin.get("/models/img").json()
+    assert (img["modelVersion"], img["batchSize"], img["maxBatchDelay"]) == ("1", 8, 2)
+    assert img["workers"][0]["status"] == "READY" and img["minWorkers"] == 1
+    assert admin.get("/models/nope").status_code == 404
+    assert admin.get("/models/img/9.9").status_code == 404
+
+
+def test_register_scale_set_default_unregister(admin: TestClient, client: TestClient) -> None:
+    r = admin.post("/models", params={"url": "tens_v2.mar", "initial_workers": 1})
+    assert r.status_code == 200
+    assert r.json() == {"status": 'Model "tens" Version: 2 registered with 1 initial workers'}
+    assert admin.post("/models", params={"url": "tens_v2.mar"}).status_code == 409
+    assert [v["modelVersion"] for v in admin.get("/models/tens/all").json()] == ["1", "2"]
+
+    r = admin.put("/models/tens/2", params={"min_worker": 2, "synchronous": "true"})
+    assert (
+        r.status_code == 200
+        and r.json()["status"] == "Workers scaled to 2 for model: tens, version: 2"
+    )
+    [v2] = admin.get("/models/tens/2").json()
+    assert len(v2["workers"]) == 2
+    assert admin.put("/models/tens/2", params={"min_worker": 3, "max_worker": 1}).status_code == 400
+    assert admin.put("/models/digits", params={"min_worker": 2}).status_code == 400
+
+    x = [[[0.0] * 8] * 8]
+    assert client.post("/predictions/tens", json={"inputs": x}).headers["x-model-version"] == "1"
+    r = admin.put("/models/tens/2/set-default")
+    assert r.json() == {"status": 'Default version successfully updated for model "tens" to "2"'}
+    assert client.post("/predictions/tens", json={"inputs": x}).headers["x-model-version"] == "2"
+    assert admin.put("/models/tens/7/set-default").status_code == 404
+
+    assert admin.delete("/models/tens/2").status_code == 403  # the default
+    assert admin.delete("/models/tens/1").json() == {"status": 'Model "tens" unregistered'}
+    r = admin.post("/models", params={"url": "tens_v2.mar", "model_name": "spare"})
+    assert "registered with 0 initial workers. Use scale workers API" in r.json()["status"]
+    assert client.post("/predictions/spare", json={"inputs": x}).status_code == 503
+    assert admin.put("/models/spare", params={"min_worker": 1}).status_code == 202
+    assert admin.delete("/models/spare").status_code == 200  # the last version: model goes
+    assert "spare" not in [m["modelName"] for m in admin.get("/models").json()["models"]]
+    assert client.post("/predictions/spare", json={"inputs": x}).status_code == 404
+    assert admin.delete("/models/digits").status_code == 409  # store models stay
+
+
+def test_registration_refuses_unsafe_archives_and_urls(
+    admin: TestClient, client: TestClient, workspace: tuple[ModelStore, Path]
+) -> None:
+    _, model_store = workspace
+    write_zip(model_store / "slip.mar", [("../../x.py", b"x"), (MANIFEST_PATH, manifest_bytes())])
+    write_zip(
+        model_store / "link.mar",
+        [symlink_entry("handler.py", "/etc/passwd"), (MANIFEST_PATH, manifest_bytes())],
+    )
+    write_zip(
+        model_store / "bomb.mar", [("model.pt", bytes(8 << 20)), (MANIFEST_PATH, manifest_bytes())]
+    )
+    for url, status in (("slip.mar", 422), ("link.mar", 422), ("bomb.mar", 413)):
+        r = admin.post("/models", params={"url": url})
+        assert r.status_code == status, r.text
+        assert r.json()["code"] in ("unsafe_archive", "archive_too_large")
+    assert admin.post("/models", params={"url": "../secret.mar"}).status_code == 404
+    assert admin.post("/models", params={"url": "/etc/passwd"}).status_code == 404
+    assert admin.post("/models", params={"url": "missing.mar"}).status_code == 404
+    assert admin.post("/models").status_code == 400
+    r = admin.post("/models", params={"url": "http://127.0.0.1:9/x.mar"})
+    assert r.status_code == 403 and "allow_url_registration" in r.json()["hint"]
+    assert admin.post("/models", params={"url": "file:///etc/x.mar"}).status_code == 400
+    png = DIGIT_PNG.read_bytes()
+    r = client.post("/predictions/img", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 200
+
+
+def test_flask_front_end_serves_archives_and_both_apis(workspace: tuple[ModelStore, Path]) -> None:
+    from torchship.serving.flask_app import create_app as create_flask
+
+    store, model_store = workspace
+    settings = ServeSettings(
+        store=store.root,
+        models=["img.mar"],
+        model_store=model_store,
+        management_port=MGMT,
+        framework="flask",
+    )
+    app = create_flask(settings, load_in_background=False)
+    c = app.test_client()
+    try:
+        png = DIGIT_PNG.read_bytes()
+        r = c.post("/predictions/img", data=png, content_type="image/png")
+        assert r.status_code == 200 and max(r.json, key=r.json.get) == "7"
+        r = c.post("/predictions/img", data={"data": (DIGIT_PNG.open("rb"), "d.png", "image/png")})
+        assert r.status_code == 200
+        assert c.post("/predictions/img", data=b"x", content_type="image/png").status_code == 400
+        mg = f"http://localhost:{MGMT}"
+        assert c.get("/models", base_url=mg).json == {
+            "models": [{"modelName": "img", "modelUrl": "img.mar"}]
+        }
+        assert c.get("/models/img", base_url=mg).json[0]["modelVersion"] == "1"
+        assert c.get("/models/img").status_code == 404  # not on the inference port
+    finally:
+        app.extensions["torchship"].stop()
+
+
+def test_torchserve_handler_class_serves_a_store_model(
+    workspace: tuple[ModelStore, Path], digits_data: digits.DigitsData
+) -> None:
+    from torchship.serving.payloads import TensorPayload
+    from torchship.serving.service import InferenceService
+
+    store, _ = workspace
+    settings = ServeSettings(
+        store=store.root,
+        models=["digits"],
+        handlers={"digits": f"{HANDLERS / 'tensor.py'}:TensorHandler"},
+        warmup=False,
+    )
+    service = InferenceService(settings).start()
+    try:
+        result = service.predict(TensorPayload(digits_data.x_test[:3].numpy()), model="digits")
+        assert len(result.predictions) == 3
+        assert all(len(p) == 5 for p in result.predictions)  # {label: probability}, top 5
+    finally:
+        service.stop()
+
+
+# --- a real server -------------------------------------------------------------------------------
+
+
+def test_serve_started_the_torchserve_way(workspace: tuple[ModelStore, Path]) -> None:
+    store, model_store = workspace
+    mport = free_port()
+    png = DIGIT_PNG.read_bytes()
+    with run_server(
+        store.root,
+        "--model-store",
+        str(model_store),
+        "--models",
+        "img=img.mar",
+        "tens.mar",
+        "--management-port",
+        str(mport),
+    ) as (base, _proc):
+        assert requests.get(f"{base}/ping", timeout=10).json() == {"status": "Healthy"}
+        r = requests.post(
+            f"{base}/predictions/img", data=png, headers={"Content-Type": "image/png"}, timeout=30
+        )
+        assert r.status_code == 200 and max(r.json(), key=r.json().get) == "7"
+        r = requests.post(
+            f"{base}/predictions/img", data=b"x", headers={"Content-Type": "image/png"}, timeout=30
+        )
+        assert r.status_code == 400
+        m = f"http://127.0.0.1:{mport}"
+        models = requests.get(f"{m}/models", timeout=10).json()["models"]
+        assert [x["modelName"] for x in models] == ["img", "tens"]
+        assert requests.get(f"{base}/models/img", timeout=10).status_code == 404
+        r = requests.post(
+            f"{m}/models", params={"url": "tma_image.mar", "initial_workers": 1}, timeout=60
+        )
+        assert r.status_code == 200, r.text
+        r = requests.post(
+            f"{base}/predictions/tma_image",
+            data=png,
+            headers={"Content-Type": "image/png"},
+            timeout=30,
+        )
+        assert r.status_code == 200 and max(r.json(), key=r.json().get) == "7"
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_archive_inspect_and_serve_flags(
+    workspace: tuple[ModelStore, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torchship.cli import build_parser, main
+    from torchship.cli.serve_cmds import _archive_specs
+
+    store, model_store = workspace
+    out = tmp_path / "out"
+    code = main(
+        [
+            "archive",
+            "--store",
+            str(store.root),
+            "--model",
+            "digits",
+            "--handler",
+            "tensor",
+            "--export-path",
+            str(out),
+            "--batch-size",
+            "4",
+            "--runtime",
+            "eager",
+        ]
+    )
+    assert code == 0
+    assert "Wrote" in capsys.readouterr().out
+    assert inspect_archive(out / "digits.mar").manifest.model.model_file == "model.py"
+    assert main(["archive", "--inspect", str(out / "digits.mar")]) == 0
+    assert "MAR-INF/MANIFEST.json" in capsys.readouterr().out
+    assert main(["archive", "--inspect", str(tmp_path / "missing.mar")]) == 2
+    args = build_parser().parse_args(
+        ["serve", "--model-store", str(model_store), "--models", "all", "--model", "digits"]
+    )
+    specs = _archive_specs(args)
+    assert "img.mar" in specs and "tma_base.mar" in specs
+    args = build_parser().parse_args(["serve", "--models", "digits"])
+    with pytest.raises(Exception, match="NAME=FILE.mar"):
+        _archive_specs(args)
+
+
+def test_torchserve_management_needs_the_admin_scope_when_auth_is_on(
+    workspace: tuple[ModelStore, Path],
+) -> None:
+    store, model_store = workspace
+    admin_key, app_key = "a" * 32, "b" * 32
+    settings = ServeSettings(
+        store=store.root,
+        models=["img.mar"],
+        model_store=model_store,
+        management_port=MGMT,
+        api_keys=[f"ops:admin:{admin_key}", f"app:inference:{app_key}"],
+    )
+    with TestClient(create_app(settings, load_in_background=False)) as c:
+        m = TestClient(c.app, base_url=f"http://testserver:{MGMT}")
+        assert m.get("/models").status_code == 401
+        assert m.get("/models", headers={"X-API-Key": app_key}).status_code == 403
+        r = m.get("/models", headers={"X-API-Key": admin_key})
+        assert r.json() == {"models": [{"modelName": "img", "modelUrl": "img.mar"}]}
+        png = DIGIT_PNG.read_bytes()
+        r = c.post("/predictions/img", content=png, headers={"X-API-Key": app_key})
+        assert r.status_code == 200
+
+
+FUNCTION_HANDLER = """
+class PredictionException(Exception):  # as TorchServe's, which handlers raise for a status
+    def __init__(self, message, error_code=500):
+        super().__init__(message)
+        self.message = message
+        self.error_code = error_code
+
+
+def handle(data, context):
+    if data is None:  # TorchServe initialises function entry points with handle(None, ctx)
+        return None
+    out = []
+    for i, row in enumerate(data):
+        body = row.get("body")
+        mode = body.get("mode") if isinstance(body, dict) else None
+        if mode == "teapot":
+            raise PredictionException("I am a teapot", 418)
+        if mode == "short":
+            return []
+        if mode == "created":
+            context.set_response_status(201, "made", i)
+            context.set_response_header(i, "x-made", "yes")
+            out.append("made")
+        else:
+            out.append({"echo": body, "query": row.get("k"), "model": context.model_name})
+    return out
+"""
+
+
+def test_function_entry_point_statuses_and_handler_errors(tmp_path: Path) -> None:
+    store = tmp_path / "model_store"
+    store.mkdir()
+    write_zip(
+        store / "fn.mar",
+        [
+            ("fn_handler.py", FUNCTION_HANDLER.encode()),
+            (MANIFEST_PATH, manifest_bytes("fn", "fn_handler:handle")),
+        ],
+    )
+    settings = ServeSettings(store=tmp_path / "models", models=["fn.mar"], model_store=store)
+    with TestClient(create_app(settings, load_in_background=False)) as c:
+        r = c.post("/predictions/fn?k=v", json={"x": 1})
+        assert r.status_code == 200
+        assert r.json() == {"echo": {"x": 1}, "query": "v", "model": "fn"}
+        assert r.headers["x-model-version"] == "1.0"  # TorchServe's default version
+        r = c.post("/predictions/fn", json={"mode": "created"})
+        assert (r.status_code, r.text, r.headers["x-made"]) == (201, "made", "yes")
+        assert r.headers["content-type"].startswith("text/plain")
+        r = c.post("/predictions/fn", json={"mode": "teapot"})
+        assert r.status_code == 418 and r.json()["error"] == "I am a teapot"
+        r = c.post("/predictions/fn", json={"mode": "short"})
+        assert r.status_code == 500 and r.json()["code"] == "inference_error"
+        r = c.post(
+            "/predictions/fn",
+            content=b"raw bytes",
+            headers={"content-type": "application/octet-stream"},
+        )
+        assert r.status_code == 500  # bytearray is not JSON: the handler's answer cannot be sent
+        assert c.post("/predictions/fn", json={"x": 2}).json()["echo"] == {"x": 2}

@@ -1,0 +1,36 @@
+"""Lesson 10 runs as the module shows it: the table, the plot, the picked variant."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from serving_utils import ROOT
+
+
+def test_lesson_10_prints_the_table_and_writes_the_plot() -> None:
+    png = ROOT / "runs" / "lesson_10" / "accuracy_vs_latency.png"
+    proc = subprocess.run(
+        [sys.executable, "10_inference_optimization.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = " ".join(proc.stdout.split())  # rich wraps long lines
+    for expected in (
+        "and its optimized versions",
+        "fp32 eager",
+        "dynamic-int8",
+        "prune-structured",
+        "distill",
+        "bf16",
+        "plot saved",
+    ):
+        assert expected in out, f"lesson 10 did not print {expected!r}"
+    assert "skipped: no CUDA" in out or "cuda-graphs: saved" in out
+    assert "digits:optimized ->" in out or "nothing fits the budget" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = ROOT / "runs" / "lesson_10" / "report"
+    assert (report / "optimize.md").is_file() and (report / "optimize.json").is_file()

@@ -1,0 +1,139 @@
+"""Probes and shutdown: startup/readiness/liveness, not-ready while draining, SIGTERM
+finishes in-flight requests and exits 0."""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from policy_utils import FRAMEWORKS, ONE, Client, settings
+from policy_utils import two_version_store as make_store
+from serving_utils import run_server
+
+from torchship.serving import InferenceService, ServeSettings
+from torchship.zoo import digits
+
+
+@pytest.fixture(scope="module")
+def store_root(
+    tmp_path_factory: pytest.TempPathFactory,
+    quick_mlp: torch.nn.Module,
+    digits_data: digits.DigitsData,
+) -> Path:
+    return make_store(tmp_path_factory.mktemp("lifecycle") / "models", quick_mlp, digits_data)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_probes_through_warm_up_and_drain(store_root: Path, framework: str) -> None:
+    service = InferenceService(settings(store_root))
+    client = Client(framework, service) if framework == "fastapi" else None  # no lifespan
+    try:
+        if client is not None:  # FastAPI without its lifespan: nothing loaded yet
+            assert client.call("get", "/health/live").status == 200
+            starting = client.call("get", "/health/startup")
+            assert starting.status == 503 and starting.json["started"] is False
+            assert client.call("get", "/health/ready").status == 503
+        service.start()
+        client = client or Client(framework, service)
+        assert client.call("get", "/health/startup").status == 200
+        ready = client.call("get", "/health/ready")
+        assert ready.status == 200 and ready.json["draining"] is False
+        service.begin_drain()  # what SIGTERM does first when drain_delay_s > 0
+        draining = client.call("get", "/health/ready")
+        assert draining.status == 503 and draining.json["draining"] is True
+        assert draining.headers["Retry-After"] == "1"
+        assert client.call("get", "/health/startup").status == 200  # started stays started
+        assert client.call("get", "/health/live").status == 200
+        served = client.predict()
+        assert served.status == 200, "draining still serves until the delay is over"
+        if framework == "fastapi":  # keep-alive clients are told to reconnect elsewhere
+            assert served.headers["Connection"] == "close"
+    finally:
+        service.stop()
+    assert client.predict().status == 503  # stopped: refuses
+
+
+SLOW_HANDLER = textwrap.dedent(
+    """
+    import os
+    import time
+    from pathlib import Path
+
+    from torchship.serving import ClassifierHandler
+
+    class Slow(ClassifierHandler):
+        \"\"\"Slow while the test's 'slow' file exists: a request that is in flight.\"\"\"
+
+        def inference(self, batch):
+            flags = Path(os.environ["TORCHSHIP_TEST_FLAGS"])
+            if (flags / "slow").exists():
+                (flags / "started").touch()
+                time.sleep(2.0)  # the model being slow, not a synchronisation
+            return super().inference(batch)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_sigterm_not_ready_first_then_drains_in_flight_and_exits_0(
+    store_root: Path, framework: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = tmp_path / "slow_handler.py"
+    handler.write_text(SLOW_HANDLER)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    monkeypatch.setenv("TORCHSHIP_TEST_FLAGS", str(flags))
+    monkeypatch.setenv("TORCHSHIP_WARMUP", "false")
+    with run_server(
+        store_root,
+        "--model",
+        "digits:1",
+        "--runtime",
+        "eager",
+        "--max-batch-size",
+        "1",
+        "--handler",
+        f"digits={handler}:Slow",
+        "--drain-delay-s",
+        "1.5",
+        framework=framework,
+    ) as (base, proc):
+        (flags / "slow").touch()
+        in_flight: list[requests.Response] = []
+        worker = threading.Thread(
+            target=lambda: in_flight.append(requests.post(f"{base}/predict", json=ONE, timeout=30))
+        )
+        worker.start()
+        deadline = time.monotonic() + 20
+        while not (flags / "started").exists():
+            assert time.monotonic() < deadline, "the slow request never started"
+            time.sleep(0.01)
+        (flags / "slow").unlink()
+        proc.send_signal(signal.SIGTERM)
+        # not ready at once, while still serving new requests during the delay
+        deadline = time.monotonic() + 1.2
+        ready = requests.get(f"{base}/health/ready", timeout=5)
+        while ready.status_code == 200 and time.monotonic() < deadline:
+            ready = requests.get(f"{base}/health/ready", timeout=5)
+        assert ready.status_code == 503 and ready.json()["draining"] is True
+        during = requests.post(f"{base}/predict", json=ONE, timeout=10)
+        assert during.status_code == 200
+        worker.join(timeout=30)
+        assert in_flight and in_flight[0].status_code == 200, "the in-flight request finished"
+        assert proc.wait(timeout=30) == 0, "SIGTERM drains and exits 0"
+
+
+def test_safe_defaults() -> None:
+    s = ServeSettings()
+    assert s.host == "127.0.0.1", "bind loopback unless told otherwise"
+    assert s.security_headers and not s.cors_origins and not s.cache and not s.trusted_proxies
+    assert not s.api_keys and s.api_keys_file is None  # auth is on once keys are configured
+    assert s.open_paths == ["/health/", "/v2/health/", "/ping", "/metrics"]
+    assert s.max_body_bytes == 10 * 1024 * 1024 and s.timeout_s == 30.0
