@@ -223,6 +223,9 @@ def create_app(
         description="torchship's REST API, the Open Inference Protocol (V2) and "
         "TorchServe's inference API, over one inference core.",
         lifespan=lifespan,
+        telemetry=None
+        if settings.opentelemetry
+        else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = service
 
