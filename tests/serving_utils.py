@@ -60,6 +60,7 @@ def run_server(
     framework: str = "fastapi",
     log: Path | None = None,
     ready_timeout: float = 60.0,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``torchship serve`` in a subprocess on a free loopback port; SIGTERM on exit.
 
@@ -69,7 +70,7 @@ def run_server(
     port = free_port()
     cmd = [sys.executable, "-m", "torchship", "serve", "--store", str(store)]
     cmd += ["--port", str(port), "--framework", framework, *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"} if env is None else env
     if log is None:
         fd, name = tempfile.mkstemp(prefix="torchship-serve-", suffix=".log")
         os.close(fd)

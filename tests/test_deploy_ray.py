@@ -15,7 +15,7 @@ import pytest
 import requests
 import torch
 from deploy_utils import held_out_inputs, local_labels, quick_digits_store
-from serving_utils import ROOT, free_port, wait_ready
+from serving_utils import run_server
 
 from torchship.errors import MissingDependencyError
 from torchship.store import ModelStore
@@ -36,36 +36,19 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 def ray_server(
     store: ModelStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
     log = tmp_path_factory.mktemp("ray-log") / "serve.log"
-    cmd = [sys.executable, "-m", "torchship", "serve", "--engine", "ray", "--replicas", "2"]
-    cmd += ["--store", str(store.root), "--model", "digits", "--port", str(port)]
+    args = ["--engine", "ray", "--replicas", "2", "--model", "digits"]
     # a replica takes one batch (4 requests) at a time and waits up to 300 ms to fill it
-    cmd += ["--max-batch-size", "4", "--max-delay-ms", "300"]
+    args += ["--max-batch-size", "4", "--max-delay-ms", "300"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_ready(base, proc, timeout=90)
-            # the proxy answers once one replica is up; serve.run returns (and the CLI
-            # says so) once both are
-            deadline = time.monotonic() + 60
-            while "on Ray Serve at" not in log.read_text(errors="replace"):
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
-        except (TimeoutError, RuntimeError, AssertionError):
-            pytest.fail(f"Ray Serve did not come up:\n{log.read_text()[-3000:]}")
+    with run_server(store.root, *args, log=log, ready_timeout=90, env=env) as (base, proc):
+        # the proxy answers once one replica is up; serve.run returns (and the CLI says
+        # so) once both are
+        deadline = time.monotonic() + 60
+        while "on Ray Serve at" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
         yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @needs_ray

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import requests
 import torch
 from monitoring_utils import BOOM, save_digits, scrape, wait_for, write_buggy_handler
 from prometheus_client import CollectorRegistry, multiprocess
-from serving_utils import ROOT, SAMPLE, free_port, wait_ready
+from serving_utils import SAMPLE, run_server
 
 from torchship.monitoring.scrape import Scrape
 
@@ -52,22 +51,17 @@ def server(
     request: pytest.FixtureRequest, mp_store: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp(f"server-{request.param}")
-    port = free_port()
     log = folder / "server.log"
-    cmd = [
-        sys.executable, "-m", "torchship", "serve",
-        "--store", str(mp_store), "--port", str(port), "--framework", request.param,
+    args = [
         "--workers", "2", "--runtime", "eager", "--max-batch-size", "8",
         "--handler", f"digits={write_buggy_handler(folder)}",
         "--log-format", "json",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(folder)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc, timeout=90)
+    with run_server(
+        mp_store, *args, framework=request.param, log=log, ready_timeout=90, env=env
+    ) as (base, proc):
         # each worker counts itself before loading its model, and is ready after
         wait_for(
             lambda: (
@@ -78,14 +72,6 @@ def server(
             what="both workers ready",
         )
         yield Server(base, proc, folder)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
     assert proc.returncode == 0, log.read_text()[-3000:]
     # the per-server metrics folder was created under TMPDIR and removed on exit
     assert not list(folder.glob("torchship-metrics-*")), "metrics folder left behind"

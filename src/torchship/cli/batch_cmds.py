@@ -8,15 +8,12 @@ from typing import Any, TypeAlias
 
 from rich.console import Console
 
+from torchship.cli._args import int_or_auto
 from torchship.settings import load_settings
 
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 console = Console(highlight=False)
-
-
-def _workers(value: str) -> int | str:
-    return value if value == "auto" else int(value)
 
 
 def register(sub: SubParsers) -> None:
@@ -38,7 +35,9 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--config", help="YAML settings file")
     p.add_argument("--store", help="model store folder (default ./models)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-workers", type=_workers, help="loader processes (ray: actors), or auto")
+    p.add_argument(
+        "--num-workers", type=int_or_auto, help="loader processes (ray: actors), or auto"
+    )
     p.add_argument("--threads", type=int, help="model intra-op threads (default: cores left)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--runtime", choices=["auto", "eager", "torchscript", "onnx"])

@@ -8,16 +8,13 @@ from typing import TypeAlias
 
 from rich.console import Console
 
+from torchship.cli._args import int_or_auto
 from torchship.settings import load_settings
 from torchship.store import ModelStore
 
 console = Console(highlight=False)
 
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-
-def _workers(value: str) -> int | str:
-    return value if value == "auto" else int(value)
 
 
 def register(sub: SubParsers) -> None:
@@ -31,7 +28,7 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--model", required=True, metavar="NAME[:VERSION]", help="what to package")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the context folder")
     p.add_argument("--framework", choices=["fastapi", "flask"])
-    p.add_argument("--workers", type=_workers, help="worker processes in the container, or auto")
+    p.add_argument("--workers", type=int_or_auto, help="worker processes in the container, or auto")
     p.add_argument("--runtime", choices=["auto", "eager", "torchscript", "onnx"])
     p.add_argument("--force", action="store_true", help="replace an earlier package in DIR")
     p.set_defaults(handler=cmd_package)

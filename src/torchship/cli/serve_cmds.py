@@ -5,18 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any, TypeAlias
 
+from torchship.cli._args import int_or_auto
 from torchship.errors import ConfigError
 from torchship.settings import load_settings
 
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-
-def _workers(value: str) -> int | str:
-    return value if value == "auto" else int(value)
-
-
-def _batch(value: str) -> int | str:
-    return value if value == "auto" else int(value)
 
 
 def register(sub: SubParsers) -> None:
@@ -56,11 +49,11 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int)
     p.add_argument("--management-port", type=int, help="serve /manage/* only on this port")
-    p.add_argument("--workers", type=_workers, help="worker processes, or 'auto'")
+    p.add_argument("--workers", type=int_or_auto, help="worker processes, or 'auto'")
     p.add_argument("--threads", type=int, help="intra-op threads per worker")
     p.add_argument("--runtime", choices=["auto", "eager", "torchscript", "onnx"])
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--max-batch-size", type=_batch, help="an integer, or 'auto'")
+    p.add_argument("--max-batch-size", type=int_or_auto, help="an integer, or 'auto'")
     p.add_argument("--max-delay-ms", type=float)
     p.add_argument("--max-queue-size", type=int)
     p.add_argument("--timeout-s", type=float)
