@@ -71,6 +71,9 @@ def test_serving_lessons_answer_the_modules_curl_command(
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        # Ctrl-C must reach it even when this suite runs as a background job, whose
+        # children inherit an ignored SIGINT (Python then installs no handler of its own).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc, timeout=90)
