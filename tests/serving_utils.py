@@ -108,3 +108,15 @@ def bomb_png(width: int = 40000, height: int = 40000) -> bytes:
     body[4:12] = struct.pack(">II", width, height)
     crc = struct.pack(">I", zlib.crc32(bytes(body)) & 0xFFFFFFFF)
     return raw[:ihdr_at] + bytes(body) + crc + raw[ihdr_at + 4 + 13 + 4 :]
+
+
+def run_lesson(
+    script: str, *, timeout: float = 180, env: dict[str, str] | None = None
+) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """Run a lesson to completion; it must exit 0. Returns its stdout with whitespace
+    runs collapsed (rich wraps long lines), and the finished process."""
+    proc = subprocess.run(
+        [sys.executable, script], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return " ".join(proc.stdout.split()), proc

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from serving_utils import run_lesson
 
 
 def test_lesson_06_runs_and_resumes_exactly_once() -> None:
-    proc = subprocess.run(
-        [sys.executable, "06_batch_inference.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = " ".join(proc.stdout.split())  # rich wraps long lines
+    out, _ = run_lesson("06_batch_inference.py")
     for expected in [
         "302 items (2 failed)",
         "items/s",

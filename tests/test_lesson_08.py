@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from serving_utils import ROOT
+from serving_utils import run_lesson
 
 from torchship.torchserve.process import java_available
 
@@ -14,15 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_lesson_08_runs_to_completion() -> None:
-    proc = subprocess.run(
-        [sys.executable, "08_torchserve_deployment.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = " ".join(proc.stdout.split())  # rich wraps long lines
+    out, _ = run_lesson("08_torchserve_deployment.py", timeout=300)
     for expected in (
         "evil.mar refused (422)",
         "a bad image gets 400",
@@ -31,7 +20,7 @@ def test_lesson_08_runs_to_completion() -> None:
         "native server stopped (exit 0)",
         "same answers from every server: True",
     ):
-        assert expected in out, f"lesson 08 did not print {expected!r}\n{proc.stdout}"
+        assert expected in out, f"lesson 08 did not print {expected!r}\n{out}"
     if java_available() is not None:
         assert "TorchServe stopped; running: False" in out
         assert out.count("digits_images") >= 4

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from serving_utils import ROOT
+from serving_utils import ROOT, run_lesson
 
 
 def test_lesson_10_prints_the_table_and_writes_the_plot() -> None:
     png = ROOT / "runs" / "lesson_10" / "accuracy_vs_latency.png"
-    proc = subprocess.run(
-        [sys.executable, "10_inference_optimization.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = " ".join(proc.stdout.split())  # rich wraps long lines
+    out, _ = run_lesson("10_inference_optimization.py", timeout=240)
     for expected in (
         "and its optimized versions",
         "fp32 eager",

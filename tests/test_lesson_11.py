@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
-from serving_utils import ROOT
+from serving_utils import run_lesson
 
 
 def test_lesson_11_serves_sends_errors_and_shows_metrics_and_logs() -> None:
-    proc = subprocess.run(
-        [sys.executable, "11_monitoring_logging.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = " ".join(proc.stdout.split())  # rich wraps long lines
+    out, proc = run_lesson("11_monitoring_logging.py", timeout=240)
     for expected in (
         "with 2 workers",
         "requests by status code",

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
-from serving_utils import ROOT
+from serving_utils import run_lesson
 
 
 @pytest.mark.slow
 def test_lesson_12_shows_every_protection() -> None:
-    proc = subprocess.run(
-        [sys.executable, "12_production_best_practices.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "COLUMNS": "200"},  # wide: table rows stay on one line
-    )
-    out = " ".join(proc.stdout.split())  # rich wraps long lines
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out, _ = run_lesson("12_production_best_practices.py", env={**os.environ, "COLUMNS": "200"})
     for expected in [
         "no key │ /predict │ 401 │ This endpoint needs an API key.",  # a refused key
         "lacks the 'admin' scope",  # a key without the scope

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from serving_utils import ROOT, free_port, wait_ready
+from serving_utils import ROOT, free_port, run_lesson, wait_ready
 
 from torchship.demo import train_demo
 from torchship.store import ModelStore
@@ -39,11 +39,7 @@ EXPECT = {
 
 @pytest.mark.parametrize("lesson", sorted(EXPECT))
 def test_lesson_runs_to_completion(lesson: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, lesson], cwd=ROOT, capture_output=True, text=True, timeout=180
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = " ".join(proc.stdout.split())  # rich wraps long lines
+    out, _ = run_lesson(lesson)
     for expected in EXPECT[lesson]:
         assert expected in out, f"{lesson} did not print {expected!r}"
 
