@@ -722,3 +722,85 @@ def test_a_worker_killed_by_system_exit_answers_everyone_and_stops_accepting() -
     assert batcher.stop(timeout=WAIT) is True
     with pytest.raises(ServiceUnavailableError):
         batcher.submit(2)
+
+
+# --- inline mode: batches on the event loop ---------------------------------------
+
+
+def test_inline_batches_what_arrived_in_one_loop_turn_on_the_loop_thread() -> None:
+    threads: list[str] = []
+    model = Model(lambda x: (threads.append(threading.current_thread().name), x * 2)[1])
+
+    async def main(batcher: DynamicBatcher[int, int]) -> list[int]:
+        return await asyncio.gather(*(batcher.asubmit(i) for i in range(10)))
+
+    with DynamicBatcher(model, max_batch_size=4, max_delay_ms=0, inline=True) as batcher:
+        assert asyncio.run(main(batcher)) == [2 * i for i in range(10)]
+        assert batcher.submit(7) == 14  # threads still go through the worker
+        stats = batcher.stats
+    assert model.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [7]]
+    assert set(threads[:10]) == {threading.main_thread().name}
+    assert threads[10].startswith("torchship-batcher")
+    assert (stats.completed, stats.batches) == (11, 4)
+
+
+def test_inline_waits_max_delay_for_a_batch_to_fill() -> None:
+    model = Model()
+
+    async def main(batcher: DynamicBatcher[int, int]) -> tuple[list[int], float]:
+        began = time.monotonic()
+        first = asyncio.ensure_future(batcher.asubmit(1))
+        await asyncio.sleep(0.02)  # well within the delay: joins the same batch
+        second = asyncio.ensure_future(batcher.asubmit(2))
+        return [await first, await second], time.monotonic() - began
+
+    with DynamicBatcher(model, max_batch_size=8, max_delay_ms=150, inline=True) as batcher:
+        answers, waited = asyncio.run(main(batcher))
+    assert answers == [2, 4]
+    assert model.batches == [[1, 2]]
+    assert waited >= 0.14  # the batch ran when the first request's delay was up
+
+
+def test_inline_queue_bound_cancellation_and_errors() -> None:
+    def fn(x: int) -> int:
+        if x < 0:
+            raise InvalidInputError("negative")
+        return x * 2
+
+    model = Model(fn)
+
+    async def main(batcher: DynamicBatcher[int, int]) -> None:
+        waiting = [asyncio.ensure_future(batcher.asubmit(i)) for i in (1, 2)]
+        await asyncio.sleep(0)  # both pending, not yet flushed (200 ms delay)
+        with pytest.raises(QueueFullError):
+            await batcher.asubmit(3)
+        waiting[0].cancel()  # a client that went away: skipped, not run
+        assert await waiting[1] == 4
+        with pytest.raises(InvalidInputError):
+            await batcher.asubmit(-1)  # a client error reaches only its caller
+        assert await batcher.asubmit(5) == 10
+
+    with DynamicBatcher(
+        model, max_batch_size=8, max_delay_ms=200, max_queue_size=2, inline=True
+    ) as batcher:
+        asyncio.run(main(batcher))
+        stats = batcher.stats
+    assert [2] in model.batches and not any(1 in b for b in model.batches)
+    assert (stats.rejected, stats.cancelled, stats.skipped, stats.failed) == (1, 1, 1, 1)
+
+
+def test_inline_stop_from_another_thread_answers_pending_requests() -> None:
+    model = Model()
+
+    async def main(batcher: DynamicBatcher[int, int]) -> list[int]:
+        pending = [asyncio.ensure_future(batcher.asubmit(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        stopper = asyncio.ensure_future(asyncio.to_thread(batcher.stop, True, 5.0))
+        answers = list(await asyncio.gather(*pending))
+        assert await stopper is True
+        return answers
+
+    batcher = DynamicBatcher(model, max_batch_size=8, max_delay_ms=100, inline=True).start()
+    assert asyncio.run(main(batcher)) == [0, 2, 4]
+    with pytest.raises(ServiceUnavailableError):
+        batcher.submit(1)

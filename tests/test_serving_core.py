@@ -193,3 +193,30 @@ def test_openapi_docs_have_examples(core_store: Path) -> None:
         assert client.get("/docs").status_code == 200
         example = body["application/json"]["examples"]["tensor"]["value"]
         assert client.post("/predict", json=example).status_code == 200
+
+
+def test_a_fast_cpu_model_batches_on_the_event_loop_with_the_same_answers(
+    core_store: Path, digits_data: digits.DigitsData
+) -> None:
+    body = {"inputs": digits_data.x_test[:5].tolist(), "top_k": 3}
+    answers = {}
+    for inline_ms in (1000.0, 0.0):
+        app = fastapi_app.create_app(
+            _settings(core_store, inline_batch_ms=inline_ms), load_in_background=False
+        )
+        with TestClient(app) as client:
+            info = client.get("/models").json()["models"][0]
+            reply = client.post("/predict", json=body)
+            assert reply.status_code == 200, reply.text
+            answers[info["batches_on"]] = [p["top_k"] for p in reply.json()["predictions"]]
+    assert set(answers) == {"event loop", "worker thread"}
+    assert answers["event loop"] == answers["worker thread"]
+
+
+def test_a_custom_inference_hook_never_runs_on_the_event_loop(core_store: Path) -> None:
+    service = InferenceService(_settings(core_store, inline_batch_ms=1000.0))
+    try:
+        loaded = service.load("digits", handler=GatedHandler())
+        assert loaded.info()["batches_on"] == "worker thread"
+    finally:
+        service.stop()

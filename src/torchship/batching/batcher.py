@@ -15,6 +15,14 @@ Failure policy, the same for both front ends:
   ``__cause__`` is the original, so no internals reach a client;
 * ``predict_fn`` may put an ``Exception`` in place of one output to fail only that
   request, under the same pass-through/wrap rule.
+
+Inline mode (``inline=True``) is for models whose whole batch takes well under a
+millisecond on the CPU: ``asubmit`` then batches on the event loop itself (what arrived
+in the same loop iteration, or within ``max_delay_ms``) and runs the batch there. The
+worker thread still serves ``submit``. Measured on a 2-core machine, handing a small
+request to a thread and back cost more than the model: the two threads convoy on the
+GIL (every op that releases it makes the other wait for the switch interval), and a
+digits CNN served 1,270 req/s through the thread against 2,500 inline.
 """
 
 from __future__ import annotations
@@ -98,6 +106,7 @@ class DynamicBatcher(Generic[T, R]):
         name: str = "model",
         on_batch: Callable[[BatchEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        inline: bool = False,
     ) -> None:
         if not callable(predict_fn):
             raise ConfigError(
@@ -132,6 +141,10 @@ class DynamicBatcher(Generic[T, R]):
         self.name = name
         self.on_batch = on_batch
         self._clock = clock
+        self.inline = inline
+        # Inline mode: requests waiting for the event loop's next flush, and that flush.
+        self._pending: list[_Request[T, R]] = []
+        self._flush_handle: asyncio.Handle | None = None
         # Guards _accepting, _abort, _thread and the check-then-put on the queue, so
         # the queue bound holds and nothing is accepted after the stop sentinel.
         self._lock = threading.Lock()
@@ -187,7 +200,10 @@ class DynamicBatcher(Generic[T, R]):
                 self._queue.put_nowait(_STOP)
         if not drain:
             self._fail_queued("Batcher stopped before this request ran.")
-        thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._pending and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.001)  # the event loop's next flush answers them
+        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
             self._abort = True
             self._fail_queued("Batcher stopped before this request ran.")
@@ -237,25 +253,29 @@ class DynamicBatcher(Generic[T, R]):
             deadline=None if limit is None else now + limit,
         )
         with self._lock:
-            if not self._accepting:
-                self._stats.count("rejected")
-                raise ServiceUnavailableError(
-                    f"Batcher {self.name!r} is not running.",
-                    hint="Start it (start() or a with-block) before submitting; "
-                    "if the server is shutting down, retry on another replica.",
-                )
-            depth = self._queue.qsize()
-            if depth >= self.max_queue_size:
-                self._stats.count("rejected")
-                raise QueueFullError(
-                    f"Batcher {self.name!r} is at capacity: {depth} requests are waiting.",
-                    retry_after=self._retry_after(depth),
-                    hint="Retry after the Retry-After delay; if this persists, raise "
-                    "max_queue_size or add replicas.",
-                )
+            self._admit()
             self._queue.put_nowait(request)
             self._stats.count("submitted")
         return request.future
+
+    def _admit(self) -> None:
+        """Refuse a new request when stopped or full (called holding ``_lock``)."""
+        if not self._accepting:
+            self._stats.count("rejected")
+            raise ServiceUnavailableError(
+                f"Batcher {self.name!r} is not running.",
+                hint="Start it (start() or a with-block) before submitting; "
+                "if the server is shutting down, retry on another replica.",
+            )
+        depth = self._queue.qsize() + len(self._pending)
+        if depth >= self.max_queue_size:
+            self._stats.count("rejected")
+            raise QueueFullError(
+                f"Batcher {self.name!r} is at capacity: {depth} requests are waiting.",
+                retry_after=self._retry_after(depth),
+                hint="Retry after the Retry-After delay; if this persists, raise "
+                "max_queue_size or add replicas.",
+            )
 
     def submit(self, item: T, timeout: float | None = None) -> R:
         """Run ``item`` in the next batch and return its output, blocking this thread.
@@ -280,12 +300,17 @@ class DynamicBatcher(Generic[T, R]):
         request if it has not started, and drops its result if it has.
         """
         limit = self._timeout_for(timeout)
-        future = self.submit_future(item, limit)
-        # One loop future fed by the worker thread, and a timer: cheaper than
-        # wait_for(wrap_future(...)), which costs a share of a small request.
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[R] = loop.create_future()
-        future.add_done_callback(functools.partial(_notify, loop, waiter))
+        if self.inline:
+            future = self._submit_inline(item, limit, loop)
+            # settled by _flush on this loop's thread: no thread-safe hop needed
+            future.add_done_callback(functools.partial(_copy_outcome_cb, waiter))
+        else:
+            future = self.submit_future(item, limit)
+            # One loop future fed by the worker thread, and a timer: cheaper than
+            # wait_for(wrap_future(...)), which costs a share of a small request.
+            future.add_done_callback(functools.partial(_notify, loop, waiter))
         timer = None if limit is None else loop.call_later(limit, _expire, waiter)
         try:
             return await waiter
@@ -301,12 +326,52 @@ class DynamicBatcher(Generic[T, R]):
             if timer is not None:
                 timer.cancel()
 
+    def _submit_inline(
+        self, item: T, limit: float | None, loop: asyncio.AbstractEventLoop
+    ) -> concurrent.futures.Future[R]:
+        now = self._clock()
+        request: _Request[T, R] = _Request(
+            item=item,
+            future=concurrent.futures.Future(),
+            enqueued_at=now,
+            deadline=None if limit is None else now + limit,
+        )
+        with self._lock:
+            self._admit()
+            self._pending.append(request)
+            self._stats.count("submitted")
+        if len(self._pending) >= self.max_batch_size:
+            self._flush()  # full: run it now, this request's batch included
+        elif self._flush_handle is None:
+            # After the requests that arrived in this loop iteration, or the delay.
+            if self.max_delay_ms > 0:
+                self._flush_handle = loop.call_later(self.max_delay_ms / 1000, self._flush)
+            else:
+                self._flush_handle = loop.call_soon(self._flush)
+        return request.future
+
+    def _flush(self) -> None:
+        """Run the pending inline requests as batches, on the event loop's thread."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        while self._pending:
+            with self._lock:
+                batch = self._pending[: self.max_batch_size]
+                del self._pending[: self.max_batch_size]
+            try:
+                self._run_batch(batch)
+            except BaseException:
+                for r in batch:
+                    _settle_exception(r.future, self._unavailable("Batcher worker stopped."))
+                raise
+
     # --- observing -----------------------------------------------------------------
 
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a batch (not counting the batch in flight)."""
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._pending)
 
     @property
     def stats(self) -> BatcherStats:
@@ -521,6 +586,10 @@ def _notify(
 ) -> None:
     with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
         loop.call_soon_threadsafe(_copy_outcome, source, waiter)
+
+
+def _copy_outcome_cb(waiter: asyncio.Future[R], source: concurrent.futures.Future[R]) -> None:
+    _copy_outcome(source, waiter)
 
 
 def _copy_outcome(source: concurrent.futures.Future[R], waiter: asyncio.Future[R]) -> None:

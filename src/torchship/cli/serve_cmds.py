@@ -55,6 +55,12 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--max-batch-size", type=int_or_auto, help="an integer, or 'auto'")
     p.add_argument("--max-delay-ms", type=float)
+    p.add_argument(
+        "--inline-batch-ms",
+        type=float,
+        help="FastAPI: run batches on the event loop for CPU models measured faster than "
+        "this (default 1.0; 0: always a worker thread)",
+    )
     p.add_argument("--max-queue-size", type=int)
     p.add_argument("--timeout-s", type=float)
     p.add_argument("--max-body-bytes", type=int)
@@ -103,6 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "device",
             "max_batch_size",
             "max_delay_ms",
+            "inline_batch_ms",
             "max_queue_size",
             "timeout_s",
             "max_body_bytes",

@@ -264,20 +264,30 @@ class ServiceMetrics:
         #: Asked at every scrape, so the scraped worker's readiness is never stale.
         self.readiness: Callable[[], bool] | None = None
         self.workers.set(1)
+        # metric.labels(...) costs a few microseconds per call (validation, locking):
+        # the labelled children are kept here, one lookup per recording.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         if self.multiprocess_dir is None:
             ProcessCollector(registry=r)
             r.register(_Shared())
 
     # --- recording ------------------------------------------------------------------
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def on_batch(self, model: str, version: str, event: BatchEvent) -> None:
-        labels = (model, version)
         if event.size:
-            self.batch_size.labels(*labels).observe(event.size)
-            self.inference.labels(*labels).observe(event.inference_s)
+            self._child(self.batch_size, model, version).observe(event.size)
+            self._child(self.inference, model, version).observe(event.inference_s)
+        queue_wait = self._child(self.queue_wait, model, version)
         for wait in event.queue_waits_s:
-            self.queue_wait.labels(*labels).observe(wait)
-        self.queue_depth.labels(*labels).set(event.queue_depth)
+            queue_wait.observe(wait)
+        self._child(self.queue_depth, model, version).set(event.queue_depth)
 
     def observe_request(
         self,
@@ -289,13 +299,13 @@ class ServiceMetrics:
         error: str | None = None,
     ) -> None:
         """One answered request; ``error`` is the error code of an error response."""
-        self.requests.labels(endpoint, model, version, str(code)).inc()
-        self.latency.labels(endpoint, model, version).observe(seconds)
+        self._child(self.requests, endpoint, model, version, str(code)).inc()
+        self._child(self.latency, endpoint, model, version).observe(seconds)
         if error is not None:
-            self.errors.labels(model, version, error).inc()
+            self._child(self.errors, model, version, error).inc()
 
     def observe_preprocess(self, model: str, version: str, seconds: float) -> None:
-        self.preprocess.labels(model, version).observe(seconds)
+        self._child(self.preprocess, model, version).observe(seconds)
 
     def model_loaded(self, model: str, version: str, seconds: float) -> None:
         self.load_seconds.labels(model, version).set(seconds)

@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -115,6 +116,7 @@ class LoadedModel:
             else None,
             "max_batch_size": self.batcher.max_batch_size,
             "max_delay_ms": self.batcher.max_delay_ms,
+            "batches_on": "event loop" if self.batcher.inline else "worker thread",
             "batch_scaling": self.scaling.as_rows() if self.scaling else None,
             "batch_scaling_remembered": bool(self.scaling and self.scaling.cached),
             "input": spec.model_dump() if spec else None,
@@ -183,6 +185,37 @@ class InferenceService:
         self._started = True
         self.metrics.server_ready.set(1 if self.readiness()[0] else 0)
         return self
+
+    def _runs_inline(
+        self,
+        predictor: Predictor,
+        handler: Handler,
+        max_batch: int,
+        scaling: BatchScaling | None,
+    ) -> bool:
+        """Whether this model's batches run on the event loop (see DynamicBatcher).
+
+        Only the stock ``inference`` on a CPU, and only when the largest batch was
+        measured under ``inline_batch_ms``: the event loop must never stall on a model.
+        """
+        limit_s = self.settings.inline_batch_ms / 1000
+        if limit_s <= 0 or predictor.device.type != "cpu":
+            return False
+        if type(handler).inference is not Handler.inference:
+            return False  # a custom inference hook may block or take its time
+        if scaling is not None:
+            timed = [m.seconds_per_batch for m in scaling.measurements if m.batch_size >= max_batch]
+            if timed:
+                return min(timed) <= limit_s
+        sample = predictor.sample_batch(max_batch) if self.settings.warmup else None
+        if sample is None:
+            return False
+        best = math.inf
+        for _ in range(5):
+            began = time.perf_counter()
+            predictor.predict(sample)
+            best = min(best, time.perf_counter() - began)
+        return best <= limit_s
 
     def _ensure(self, name: str, version: str) -> bool:
         """Load ``name:version`` if it is not loaded; False (and recorded) if it fails."""
@@ -263,8 +296,10 @@ class InferenceService:
                     out[i] = r
             return out
 
+        inline = self._runs_inline(predictor, handler, max_batch, scaling)
         batcher: DynamicBatcher[torch.Tensor, torch.Tensor] = DynamicBatcher(
             run_batch,
+            inline=inline,
             max_batch_size=max_batch,
             max_delay_ms=max_delay_ms,
             max_queue_size=s.max_queue_size,
@@ -276,11 +311,12 @@ class InferenceService:
         loaded = LoadedModel(predictor, handler, batcher, time.monotonic() - start, scaling, True)
         self.install(loaded)
         log.info(
-            "loaded %s:%s runtime=%s max_batch_size=%d in %.2fs%s",
+            "loaded %s:%s runtime=%s max_batch_size=%d batches on the %s in %.2fs%s",
             name,
             version,
             predictor.runtime,
             max_batch,
+            "event loop" if inline else "worker thread",
             loaded.load_seconds,
             f" ({predictor.selection})" if predictor.selection else "",
         )

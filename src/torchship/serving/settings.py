@@ -110,6 +110,13 @@ class ServeSettings(Settings):
         description="How long a batch waits to fill up. 0: take what queued while the "
         "previous batch ran (batches still form under load; a lone request never waits).",
     )
+    inline_batch_ms: float = Field(
+        1.0,
+        ge=0,
+        description="FastAPI: a CPU model whose largest batch was measured faster than this "
+        "runs its batches on the event loop, skipping the hop to a worker thread and back "
+        "(which costs more than such a model). 0: always a worker thread.",
+    )
     max_queue_size: int = Field(256, ge=1, description="Queued requests before 503.")
     timeout_s: float = Field(30.0, gt=0, description="Per-request limit on queue + inference.")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Larger bodies get 413.")
