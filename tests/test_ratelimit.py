@@ -160,3 +160,37 @@ def test_anonymous_clients_are_limited_per_ip(store_root: Path) -> None:
             assert b.predict().status == 200
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_forwarded_for_is_trusted_only_from_trusted_proxies_over_a_socket(
+    store_root: Path, framework: str, tmp_path: Path
+) -> None:
+    """A loopback client is not a proxy unless configured as one: its X-Forwarded-For
+    neither dodges its rate limit nor names it in the access log."""
+    import json
+
+    import requests
+    from serving_utils import run_server
+
+    body = {"inputs": [[[0.0] * 8] * 8]}
+    for trusted, expect in (([], ["200", "429"]), (["127.0.0.1"], ["200", "200"])):
+        args = ["--model", "digits", "--rate-limit", "inference=0.01:1", "--log-format", "json"]
+        args += [a for p in trusted for a in ("--trusted-proxy", p)]
+        log = tmp_path / f"{framework}-{len(trusted)}.log"
+        with run_server(store_root, *args, framework=framework, log=log) as (base, _):
+            codes = [
+                str(
+                    requests.post(
+                        f"{base}/predict",
+                        json=body,
+                        headers={"X-Forwarded-For": f"198.51.100.{i}"},
+                        timeout=30,
+                    ).status_code
+                )
+                for i in (1, 2)
+            ]
+        assert codes == expect, (trusted, codes)
+        lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+        clients = {x.get("client") for x in lines if x.get("path") == "/predict"}
+        assert clients == ({"198.51.100.1", "198.51.100.2"} if trusted else {"127.0.0.1"})

@@ -124,6 +124,7 @@ class RequestMonitorMiddleware:
             metrics.in_flight.dec()
             state = scope.get("state") or {}
             client = scope.get("client")
+            ip = getattr(state.get("admission"), "ip", None) or (client[0] if client else None)
             self.observer.finish(
                 AccessRecord(
                     method=scope["method"],
@@ -132,7 +133,7 @@ class RequestMonitorMiddleware:
                     status=int(seen["status"]),
                     seconds=time.monotonic() - start,
                     endpoint=_endpoint(scope),
-                    client=client[0] if client else None,
+                    client=ip,
                     model=state.get("model") or ctx.model,
                     version=state.get("version") or ctx.version,
                     request_headers=headers,

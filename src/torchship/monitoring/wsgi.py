@@ -101,7 +101,7 @@ def install_flask(app: Flask, observer: RequestObserver) -> None:
                 status=response.status_code,
                 seconds=time.monotonic() - started[1],
                 endpoint=_endpoint(app),
-                client=request.remote_addr,
+                client=getattr(g.get("admission"), "ip", None) or request.remote_addr,
                 model=model,
                 version=version,
                 request_headers=dict(request.headers.items()) if capture else None,

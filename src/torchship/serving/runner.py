@@ -106,6 +106,9 @@ def _uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
         "log_level": "warning",
         "timeout_graceful_shutdown": int(settings.graceful_timeout_s),
         "access_log": False,  # torchship writes its own access lines
+        # X-Forwarded-For is trusted only from trusted_proxies, by torchship's gate;
+        # uvicorn's own rewrite trusts 127.0.0.1 and parses addresses on every request.
+        "proxy_headers": False,
         "log_config": None,  # uvicorn's lines go through torchship's (JSON or text) handler
     }
 

@@ -48,12 +48,15 @@ class RequestInfo:
 
 @dataclass(frozen=True)
 class Admission:
-    """A request let in: its scope, key name (None: anonymous), client id, headers to add."""
+    """A request let in: its scope, key name (None: anonymous), client id (the rate limit's
+    key), headers to add, and the client's address (behind trusted proxies, the one they
+    forwarded for: what access lines name)."""
 
     scope: str
     key: str | None = None
     client: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    ip: str | None = None
 
 
 class Gate:
@@ -130,17 +133,18 @@ class Gate:
     def admit(self, info: RequestInfo) -> Admission:
         """Let the request in, or raise 401 / 403 / 429."""
         scope = self.scope_of(info.path)
+        ip = self.client_ip(info)
         if self.is_open(info.path):
-            return Admission(scope)
+            return Admission(scope, ip=ip)
         key = None
         if self.keys is not None:
             found = self.keys.authenticate(info.headers)
             self.keys.authorize(found, scope)
             key = found.name
-        client = f"key:{key}" if key else f"ip:{self.client_ip(info)}"
+        client = f"key:{key}" if key else f"ip:{ip}"
         decision = self.limiter.check(scope, client) if self.limiter else None
         if decision is None:
-            return Admission(scope, key, client)
+            return Admission(scope, key, client, ip=ip)
         headers = decision.headers()
         if not decision.allowed:
             record_rate_limited(scope)
@@ -153,7 +157,7 @@ class Gate:
                 hint="Wait Retry-After seconds, then retry; spread requests out or batch "
                 "several inputs into one request.",
             )
-        return Admission(scope, key, client, headers)
+        return Admission(scope, key, client, headers, ip)
 
     def client_ip(self, info: RequestInfo) -> str:
         """The socket peer; behind ``trusted_proxies``, the nearest untrusted address in
