@@ -220,3 +220,38 @@ def test_a_custom_inference_hook_never_runs_on_the_event_loop(core_store: Path) 
         assert loaded.info()["batches_on"] == "worker thread"
     finally:
         service.stop()
+
+
+def test_non_finite_model_outputs_are_a_server_error_not_a_number() -> None:
+    from torchship.errors import InferenceError
+    from torchship.serving import TensorHandler
+    from torchship.serving.payloads import load_json
+
+    classifier, raw = ClassifierHandler(), TensorHandler()
+    classifier.predictor = raw.predictor = type("P", (), {"labels": ["a", "b", "c"]})()  # type: ignore[assignment]
+    for bad in (float("nan"), float("inf")):
+        outputs = torch.tensor([[0.1, bad, 0.3]])
+        for handler in (classifier, raw):
+            with pytest.raises(InferenceError, match="NaN or infinite"):
+                handler.postprocess(outputs, top_k=2)
+    ok = classifier.postprocess(torch.tensor([[0.0, float("-inf"), 1.0]]), top_k=3)
+    assert ok[0]["label"] == "c" and ok[0]["top_k"][-1]["probability"] == 0.0
+    # what the fast JSON parser refuses still parses the standard library's way
+    assert load_json(b'{"inputs": [NaN, 1e999, 123456789012345678901234567890]}')["inputs"][2] == (
+        123456789012345678901234567890
+    )
+
+
+def test_started_service_freezes_what_is_alive_out_of_the_collectors_way(core_store: Path) -> None:
+    import gc
+
+    gc.unfreeze()
+    try:
+        for freeze in (False, True):
+            service = InferenceService(_settings(core_store, gc_freeze=freeze)).start()
+            try:
+                assert (gc.get_freeze_count() > 0) is freeze
+            finally:
+                service.stop()
+    finally:
+        gc.unfreeze()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from torchship.errors import InferenceError
+
 
 def top_k(
     logits: torch.Tensor, labels: list[str] | None, k: int = 3
@@ -14,6 +16,8 @@ def top_k(
     values, indices = probs.topk(k, dim=-1)
     out = []
     for vals, idxs in zip(values.tolist(), indices.tolist(), strict=True):
+        if vals[0] != vals[0]:  # NaN sorts first: softmax of a NaN or infinite logit
+            raise non_finite_outputs()
         out.append(
             [
                 {
@@ -25,3 +29,12 @@ def top_k(
             ]
         )
     return out
+
+
+def non_finite_outputs() -> InferenceError:
+    """A model that answers NaN or infinity is broken: a 500 that says so, never a
+    number a client would read as a probability."""
+    return InferenceError(
+        "The model produced NaN or infinite outputs.",
+        hint="This is a server-side fault in the model (or its weights); check its version.",
+    )

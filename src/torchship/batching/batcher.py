@@ -65,7 +65,8 @@ PredictFn = Callable[[list[T]], Sequence[R | Exception]]
 @dataclass(eq=False)
 class _Request(Generic[T, R]):
     item: T
-    future: concurrent.futures.Future[R]
+    # inline requests settle the awaiting coroutine's own loop future directly
+    future: concurrent.futures.Future[R] | asyncio.Future[R]
     enqueued_at: float
     deadline: float | None
 
@@ -246,9 +247,10 @@ class DynamicBatcher(Generic[T, R]):
         """
         limit = self._timeout_for(timeout)
         now = self._clock()
+        future: concurrent.futures.Future[R] = concurrent.futures.Future()
         request: _Request[T, R] = _Request(
             item=item,
-            future=concurrent.futures.Future(),
+            future=future,
             enqueued_at=now,
             deadline=None if limit is None else now + limit,
         )
@@ -256,7 +258,7 @@ class DynamicBatcher(Generic[T, R]):
             self._admit()
             self._queue.put_nowait(request)
             self._stats.count("submitted")
-        return request.future
+        return future
 
     def _admit(self) -> None:
         """Refuse a new request when stopped or full (called holding ``_lock``)."""
@@ -302,10 +304,11 @@ class DynamicBatcher(Generic[T, R]):
         limit = self._timeout_for(timeout)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[R] = loop.create_future()
+        future: concurrent.futures.Future[R] | asyncio.Future[R]
         if self.inline:
-            future = self._submit_inline(item, limit, loop)
-            # settled by _flush on this loop's thread: no thread-safe hop needed
-            future.add_done_callback(functools.partial(_copy_outcome_cb, waiter))
+            # settled by _flush on this loop's thread: no thread-safe hop, no copy
+            future = waiter
+            self._submit_inline(item, limit, waiter)
         else:
             future = self.submit_future(item, limit)
             # One loop future fed by the worker thread, and a timer: cheaper than
@@ -326,13 +329,11 @@ class DynamicBatcher(Generic[T, R]):
             if timer is not None:
                 timer.cancel()
 
-    def _submit_inline(
-        self, item: T, limit: float | None, loop: asyncio.AbstractEventLoop
-    ) -> concurrent.futures.Future[R]:
+    def _submit_inline(self, item: T, limit: float | None, waiter: asyncio.Future[R]) -> None:
         now = self._clock()
         request: _Request[T, R] = _Request(
             item=item,
-            future=concurrent.futures.Future(),
+            future=waiter,
             enqueued_at=now,
             deadline=None if limit is None else now + limit,
         )
@@ -344,11 +345,11 @@ class DynamicBatcher(Generic[T, R]):
             self._flush()  # full: run it now, this request's batch included
         elif self._flush_handle is None:
             # After the requests that arrived in this loop iteration, or the delay.
+            loop = waiter.get_loop()
             if self.max_delay_ms > 0:
                 self._flush_handle = loop.call_later(self.max_delay_ms / 1000, self._flush)
             else:
                 self._flush_handle = loop.call_soon(self._flush)
-        return request.future
 
     def _flush(self) -> None:
         """Run the pending inline requests as batches, on the event loop's thread."""
@@ -429,8 +430,8 @@ class DynamicBatcher(Generic[T, R]):
             self._queue.put_nowait(_STOP)
         self._stats.count("skipped", len(dropped))
         for request in dropped:
-            if request.future.set_running_or_notify_cancel():
-                request.future.set_exception(self._unavailable(message))
+            if _claim(request.future):
+                _settle_exception(request.future, self._unavailable(message))
 
     @staticmethod
     def _unavailable(message: str) -> ServiceUnavailableError:
@@ -461,12 +462,12 @@ class DynamicBatcher(Generic[T, R]):
         live: list[_Request[T, R]] = []
         # Outcomes are settled only after the stats are recorded, so a caller that
         # reads ``stats`` after getting its answer sees its own request counted.
-        results: list[tuple[concurrent.futures.Future[R], R]] = []
-        errors: list[tuple[concurrent.futures.Future[R], BaseException]] = []
+        results: list[tuple[concurrent.futures.Future[R] | asyncio.Future[R], R]] = []
+        errors: list[tuple[concurrent.futures.Future[R] | asyncio.Future[R], BaseException]] = []
         skipped = 0
         for request in batch:
-            if not request.future.set_running_or_notify_cancel():
-                skipped += 1  # cancelled by its caller while queued
+            if not _claim(request.future):
+                skipped += 1  # cancelled (or timed out) by its caller while queued
             elif self._abort:
                 message = "Batcher stopped before this request ran."
                 errors.append((request.future, self._unavailable(message)))
@@ -561,14 +562,26 @@ class DynamicBatcher(Generic[T, R]):
             logger.error("batcher %r: predict failed for %d request(s)", self.name, n, exc_info=exc)
 
 
-def _settle_result(future: concurrent.futures.Future[R], result: R) -> None:
+_SETTLED = (concurrent.futures.InvalidStateError, asyncio.InvalidStateError)
+
+
+def _claim(future: concurrent.futures.Future[R] | asyncio.Future[R]) -> bool:
+    """Mark a request as running; False if its caller gave up on it (cancel, timeout)."""
+    if isinstance(future, concurrent.futures.Future):
+        return future.set_running_or_notify_cancel()
+    return not future.done()
+
+
+def _settle_result(future: concurrent.futures.Future[R] | asyncio.Future[R], result: R) -> None:
     # Defensive: a future settled elsewhere must never crash the worker.
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
+    with contextlib.suppress(*_SETTLED):
         future.set_result(result)
 
 
-def _settle_exception(future: concurrent.futures.Future[R], exc: BaseException) -> None:
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
+def _settle_exception(
+    future: concurrent.futures.Future[R] | asyncio.Future[R], exc: BaseException
+) -> None:
+    with contextlib.suppress(*_SETTLED):
         future.set_exception(exc)
 
 
@@ -586,10 +599,6 @@ def _notify(
 ) -> None:
     with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
         loop.call_soon_threadsafe(_copy_outcome, source, waiter)
-
-
-def _copy_outcome_cb(waiter: asyncio.Future[R], source: concurrent.futures.Future[R]) -> None:
-    _copy_outcome(source, waiter)
 
 
 def _copy_outcome(source: concurrent.futures.Future[R], waiter: asyncio.Future[R]) -> None:

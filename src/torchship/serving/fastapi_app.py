@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -30,12 +29,12 @@ from torchship.errors import (
 from torchship.monitoring.asgi import RequestMonitorMiddleware
 from torchship.monitoring.requests import RequestObserver
 from torchship.serving import mar_models, payloads, protocols, status_page
-from torchship.serving.http import dumps, error_response, port_refuses, start_in_background
+from torchship.serving.http import dumps, error_response, start_in_background
 from torchship.serving.management import Management
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
 from torchship.serving.payloads import IMAGE_FIELDS, Payload
 from torchship.serving.policies import Gate
-from torchship.serving.policies.asgi import AdmissionMiddleware, ResponseHeadersMiddleware
+from torchship.serving.policies.asgi import EdgeMiddleware
 from torchship.serving.policies.lifecycle import install_drain_delay
 from torchship.serving.service import InferenceService
 from torchship.serving.settings import ServeSettings
@@ -115,79 +114,6 @@ PREDICT_BODY = {
         },
     }
 }
-
-
-# --- pure ASGI middleware ----------------------------------------------------------------
-
-
-class BodyLimitMiddleware:
-    """413 for bodies over the limit, by Content-Length up front or by counting chunks."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.max_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await _send_error(send, self._error())
-                    return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._error()
-            return message
-
-        await self.app(scope, limited, send)
-
-    def _error(self) -> PayloadTooLargeError:
-        return PayloadTooLargeError(
-            f"The request body exceeds the limit of {self.max_bytes} bytes.",
-            hint="Send a smaller file, or raise max_body_bytes (TORCHSHIP_MAX_BODY_BYTES).",
-        )
-
-
-async def _send_error(send: Send, exc: BaseException) -> None:
-    status, body, headers = error_response(exc)
-    payload = json.dumps(body).encode()
-    raw_headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-    ]
-    raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": payload})
-
-
-class PortGateMiddleware:
-    """With a management port: /manage/* only there, inference routes only elsewhere."""
-
-    def __init__(self, app: ASGIApp, management_port: int | None) -> None:
-        self.app = app
-        self.management_port = management_port
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            server = scope.get("server") or (None, None)
-            if port_refuses(scope["path"], server[1], self.management_port):
-                await _send_error(
-                    send, RouteNotFoundError(f"No route {scope['path']} on this port.")
-                )
-                return
-        await self.app(scope, receive, send)
 
 
 # --- the app -----------------------------------------------------------------------------
@@ -414,11 +340,12 @@ def create_app(
     _management_routes(app, Management(service))
     _torchserve_routes(app, TorchServeManagement(service))
     gate = Gate.from_settings(settings)
-    app.add_middleware(AdmissionMiddleware, gate=gate)  # auth and rate limits
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(PortGateMiddleware, management_port=settings.management_port)
-    app.add_middleware(  # CORS preflights; security/CORS/rate-limit headers on every answer
-        ResponseHeadersMiddleware, gate=gate, draining=lambda: service.draining
+    app.add_middleware(  # CORS, security headers, management port, 413, auth, rate limits
+        EdgeMiddleware,
+        gate=gate,
+        draining=lambda: service.draining,
+        max_body_bytes=settings.max_body_bytes,
+        management_port=settings.management_port,
     )
     # Outermost: request id, metrics and access line for every request, also those the
     # middleware above refuses; unexpected errors become one logged 500 here.

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from torchship.errors import InvalidInputError
+from torchship.postprocess import non_finite_outputs
 from torchship.postprocess import top_k as _top_k
 from torchship.preprocessing import preprocess_image, validate_tensor
 from torchship.runtime import Predictor
@@ -74,6 +75,8 @@ class Handler:
         return self.predictor.predict(batch)
 
     def postprocess(self, outputs: torch.Tensor, *, top_k: int) -> list[dict[str, Any]]:
+        if outputs.is_floating_point() and not bool(torch.isfinite(outputs).all()):
+            raise non_finite_outputs()
         return [{"output": row.tolist()} for row in outputs]
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from torchship.errors import ServiceUnavailableError, TorchshipError
 
@@ -33,7 +34,11 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, s
 
 
 def dumps(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    """Compact JSON; orjson, a fraction of ``json.dumps``'s cost on every answer.
+
+    orjson would write NaN as null: handlers refuse non-finite outputs before this.
+    """
+    return orjson.dumps(body)
 
 
 def start_in_background(service: InferenceService) -> threading.Thread:

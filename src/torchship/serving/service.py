@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import gc
 import logging
 import math
 import threading
@@ -182,6 +183,8 @@ class InferenceService:
         for name in self._order:
             self.traffic.attach(name, self._defaults[name], functools.partial(self._ensure, name))
         self.traffic.start()
+        if self.settings.gc_freeze:
+            gc.freeze()  # see ServeSettings.gc_freeze: no 100 ms full collections later
         self._started = True
         self.metrics.server_ready.set(1 if self.readiness()[0] else 0)
         return self

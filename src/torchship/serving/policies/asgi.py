@@ -1,11 +1,5 @@
-"""The :class:`~torchship.serving.policies.gate.Gate` as pure ASGI middleware.
-
-Two layers, so the request metrics (between them) count refused requests too:
-
-* :class:`ResponseHeadersMiddleware`, outermost: answers CORS preflights and puts the
-  gate's headers on every response, errors from other middleware included;
-* :class:`AdmissionMiddleware`, innermost: auth and rate limits before any route runs
-  (and before the body is read).
+"""The :class:`~torchship.serving.policies.gate.Gate` and the HTTP limits as one pure
+ASGI layer, inside the request monitor (so refused requests are counted and logged).
 """
 
 from __future__ import annotations
@@ -14,8 +8,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from torchship.errors import TorchshipError
-from torchship.serving.http import dumps, error_response
+from torchship.errors import PayloadTooLargeError, RouteNotFoundError, TorchshipError
+from torchship.serving.http import dumps, error_response, port_refuses
 from torchship.serving.policies.gate import Gate, RequestInfo
 
 Scope = MutableMapping[str, Any]
@@ -46,13 +40,33 @@ async def send_error(send: Send, exc: BaseException, extra: dict[str, str] | Non
     await send({"type": "http.response.body", "body": payload})
 
 
-class ResponseHeadersMiddleware:
-    """CORS preflights; security, CORS, rate-limit and cache headers on every response."""
+class EdgeMiddleware:
+    """The gate and the HTTP limits, as one layer (each layer costs every request):
 
-    def __init__(self, app: ASGIApp, gate: Gate, draining: Callable[[], bool]) -> None:
+    * CORS preflights answered; security, CORS, rate-limit and cache headers added to
+      every response, errors from this layer included;
+    * with a management port, ``/manage/*`` only there and inference routes elsewhere
+      (404 otherwise);
+    * 413 for bodies over ``max_body_bytes``, by Content-Length up front or by counting
+      chunks of a body without one;
+    * 401 / 403 / 429 before any route runs (and before the body is read); the
+      admission is left in ``scope["state"]``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        gate: Gate,
+        draining: Callable[[], bool],
+        *,
+        max_body_bytes: int,
+        management_port: int | None = None,
+    ) -> None:
         self.app = app
         self.gate = gate
         self.draining = draining
+        self.max_body_bytes = max_body_bytes
+        self.management_port = management_port
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,19 +74,16 @@ class ResponseHeadersMiddleware:
             return
         info = request_info(scope)
         state = scope.setdefault("state", {})
+        gate = self.gate
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                existing = {k.lower() for k, _ in message.get("headers", [])}
+                raw = message.get("headers", [])
+                existing = {k.lower() for k, _ in raw}
                 content_type = next(
-                    (
-                        v.decode("latin-1")
-                        for k, v in message.get("headers", [])
-                        if k.lower() == b"content-type"
-                    ),
-                    None,
+                    (v.decode("latin-1") for k, v in raw if k.lower() == b"content-type"), None
                 )
-                added = self.gate.response_headers(
+                added = gate.response_headers(
                     info,
                     state.get("admission"),
                     content_type,
@@ -80,17 +91,28 @@ class ResponseHeadersMiddleware:
                     draining=self.draining(),
                 )
                 message["headers"] = [
-                    *message.get("headers", []),
+                    *raw,
                     *(
-                        (k.lower().encode(), v.encode())
+                        (name, v.encode())
                         for k, v in added.items()
-                        if k.lower().encode() not in existing
+                        if (name := k.lower().encode()) not in existing
                     ),
                 ]
             await send(message)
 
         try:
-            preflight = self.gate.preflight(info)
+            preflight = gate.preflight(info)
+            if preflight is None:
+                server = scope.get("server") or (None, None)
+                if port_refuses(info.path, server[1], self.management_port):
+                    raise RouteNotFoundError(f"No route {info.path} on this port.")
+                length = info.headers.get("content-length")
+                if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+                    raise self._too_large()
+                if gate.blocking:
+                    admission = await asyncio.to_thread(gate.admit, info)
+                else:
+                    admission = gate.admit(info)
         except TorchshipError as exc:
             await send_error(send_with_headers, exc)
             return
@@ -99,28 +121,27 @@ class ResponseHeadersMiddleware:
             await send({"type": "http.response.start", "status": 204, "headers": raw})
             await send({"type": "http.response.body", "body": b""})
             return
+        state["admission"] = admission
+        if length is None or not length.isdigit():  # chunked: nothing bounds it up front
+            receive = self._counting(receive)
         await self.app(scope, receive, send_with_headers)
 
+    def _counting(self, receive: Receive) -> Receive:
+        seen = 0
 
-class AdmissionMiddleware:
-    """401 / 403 / 429 before the route runs; the admission is left in ``scope["state"]``."""
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise self._too_large()
+            return message
 
-    def __init__(self, app: ASGIApp, gate: Gate) -> None:
-        self.app = app
-        self.gate = gate
+        return limited
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        info = request_info(scope)
-        try:
-            if self.gate.blocking:
-                admission = await asyncio.to_thread(self.gate.admit, info)
-            else:
-                admission = self.gate.admit(info)
-        except TorchshipError as exc:
-            await send_error(send, exc)
-            return
-        scope.setdefault("state", {})["admission"] = admission
-        await self.app(scope, receive, send)
+    def _too_large(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"The request body exceeds the limit of {self.max_body_bytes} bytes.",
+            hint="Send a smaller file, or raise max_body_bytes (TORCHSHIP_MAX_BODY_BYTES).",
+        )
