@@ -255,3 +255,22 @@ def test_started_service_freezes_what_is_alive_out_of_the_collectors_way(core_st
                 service.stop()
     finally:
         gc.unfreeze()
+
+
+def test_the_collector_paused_for_start_up_is_back_once_the_models_load(core_store: Path) -> None:
+    import gc
+
+    from torchship._startup import pause_gc
+
+    assert gc.isenabled()
+    try:
+        for user_disabled in (False, True):
+            if user_disabled:
+                gc.disable()  # the user's choice: start-up must not undo it
+            pause_gc()
+            assert not gc.isenabled()
+            service = InferenceService(_settings(core_store, gc_freeze=False)).start()
+            service.stop()
+            assert gc.isenabled() is not user_disabled
+    finally:
+        gc.enable()

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchship._startup import resume_gc
 from torchship.batching import BatchScaling, DynamicBatcher, measure_batch_scaling
 from torchship.batching.scaling import BatchMeasurement
 from torchship.errors import (
@@ -185,6 +186,7 @@ class InferenceService:
         self.traffic.start()
         if self.settings.gc_freeze:
             gc.freeze()  # see ServeSettings.gc_freeze: no 100 ms full collections later
+        resume_gc()  # paused by the CLI for the start-up (torchship._startup)
         self._started = True
         self.metrics.server_ready.set(1 if self.readiness()[0] else 0)
         return self
