@@ -202,6 +202,37 @@ def rss_mb(pid: int) -> float:
     return total_kb / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by ``pid`` and its descendants."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (after comm)
+    return total / ticks
+
+
+def wait_idle(
+    pid: int, *, busy: float = 0.05, window_s: float = 0.25, limit_s: float = 30.0
+) -> float:
+    """Wait until ``pid``'s process tree uses under ``busy`` of a core over a window:
+    a server still answering the requests queued before the last client left would
+    compete with the next measurement. Returns the seconds waited."""
+    started = time.monotonic()
+    before = cpu_seconds(pid)
+    while time.monotonic() - started < limit_s:
+        time.sleep(window_s)
+        now = cpu_seconds(pid)
+        if now - before < busy * window_s:
+            break
+        before = now
+    return time.monotonic() - started
+
+
 def synthetic_photo(seed: int, size: tuple[int, int] = (224, 224)) -> Any:
     """A deterministic, photo-like RGB ``PIL.Image``: smooth gradients, blurred shapes,
     sensor noise, so JPEG sizes and decode costs resemble a real photo's.

@@ -64,6 +64,7 @@ from _common import (
     print_table,
     rss_mb,
     synthetic_photo,
+    wait_idle,
 )
 from PIL import Image
 
@@ -583,6 +584,9 @@ def run_wrk(server: Server, workload: Workload, conns: int, seconds: float) -> P
         str(workload.body),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 90, check=False)
+    # A server that queued requests answers them after wrk left; the next run (maybe
+    # another server's) must not share the CPU with that.
+    wait_idle(server.proc.pid)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
     if line is None:
         raise RuntimeError(
