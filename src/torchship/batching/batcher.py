@@ -245,15 +245,8 @@ class DynamicBatcher(Generic[T, R]):
         takes the request; the caller must bound its own wait on the future, and may
         ``cancel()`` it to withdraw a request that has not started.
         """
-        limit = self._timeout_for(timeout)
-        now = self._clock()
         future: concurrent.futures.Future[R] = concurrent.futures.Future()
-        request: _Request[T, R] = _Request(
-            item=item,
-            future=future,
-            enqueued_at=now,
-            deadline=None if limit is None else now + limit,
-        )
+        request = self._request(item, self._timeout_for(timeout), future)
         with self._lock:
             self._admit()
             self._queue.put_nowait(request)
@@ -329,14 +322,17 @@ class DynamicBatcher(Generic[T, R]):
             if timer is not None:
                 timer.cancel()
 
-    def _submit_inline(self, item: T, limit: float | None, waiter: asyncio.Future[R]) -> None:
+    def _request(
+        self,
+        item: T,
+        limit: float | None,
+        future: concurrent.futures.Future[R] | asyncio.Future[R],
+    ) -> _Request[T, R]:
         now = self._clock()
-        request: _Request[T, R] = _Request(
-            item=item,
-            future=waiter,
-            enqueued_at=now,
-            deadline=None if limit is None else now + limit,
-        )
+        return _Request(item, future, now, None if limit is None else now + limit)
+
+    def _submit_inline(self, item: T, limit: float | None, waiter: asyncio.Future[R]) -> None:
+        request = self._request(item, limit, waiter)
         with self._lock:
             self._admit()
             self._pending.append(request)
