@@ -4,18 +4,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import gc as _gc
+from torchship._startup import gc_paused
 
 # Importing torch is most of a start-up; the collector would walk the heap it builds
 # again and again for nothing (see torchship._startup).
-_collecting = _gc.isenabled()
-_gc.disable()
-try:
+with gc_paused():
     from torchship.errors import TorchshipError
     from torchship.store import CheckpointManager, InputSpec, Manifest, ModelStore
-finally:
-    if _collecting:
-        _gc.enable()
 
 __all__ = [
     "CheckpointManager",

@@ -8,9 +8,23 @@ measured here) and finds next to nothing to free. The CLI pauses it first thing;
 
 from __future__ import annotations
 
+import contextlib
 import gc
+from collections.abc import Iterator
 
 _paused = False
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The collector off inside the block (the package's own imports), as it was after."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def pause_gc() -> None:

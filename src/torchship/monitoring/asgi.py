@@ -9,7 +9,6 @@ and the server's own handlers (which would log them a second and third time).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -17,7 +16,7 @@ from typing import Any
 
 from torchship.monitoring.logs import AccessRecord, end_request, start_request
 from torchship.monitoring.requests import RequestObserver
-from torchship.serving.http import error_response
+from torchship.serving.http import send_asgi_error
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -119,7 +118,7 @@ class RequestMonitorMiddleware:
             if seen["started"]:  # too late for an error response: log, drop the connection
                 log.error("error after the response started", exc_info=exc)
             else:
-                await _send_json_error(send_wrapper, exc)
+                await send_asgi_error(send_wrapper, exc)  # logs unknown errors, once
         finally:
             metrics.in_flight.dec()
             state = scope.get("state") or {}
@@ -147,15 +146,3 @@ class RequestMonitorMiddleware:
                 )
             )
             end_request(token)
-
-
-async def _send_json_error(send: Send, exc: BaseException) -> None:
-    status, body, headers = error_response(exc)  # logs unknown errors, once
-    payload = json.dumps(body).encode()
-    raw = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in headers.items()),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})

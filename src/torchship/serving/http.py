@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -39,6 +40,21 @@ def dumps(body: Any) -> bytes:
     orjson would write NaN as null: handlers refuse non-finite outputs before this.
     """
     return orjson.dumps(body)
+
+
+async def send_asgi_error(
+    send: Callable[[dict[str, Any]], Awaitable[None]],
+    exc: BaseException,
+    extra: dict[str, str] | None = None,
+) -> None:
+    """``exc`` as the JSON error response, straight to an ASGI ``send`` (middleware that
+    answers before, or instead of, the app)."""
+    status, body, headers = error_response(exc)
+    payload = dumps(body)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in {**headers, **(extra or {})}.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def start_in_background(service: InferenceService) -> threading.Thread:

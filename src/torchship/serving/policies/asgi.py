@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from torchship.errors import PayloadTooLargeError, RouteNotFoundError, TorchshipError
-from torchship.serving.http import dumps, error_response, port_refuses
+from torchship.serving.http import port_refuses, send_asgi_error
 from torchship.serving.policies.gate import Gate, RequestInfo
 
 Scope = MutableMapping[str, Any]
@@ -29,15 +29,6 @@ def request_info(scope: Scope) -> RequestInfo:
     return RequestInfo(
         scope.get("method", "GET"), scope["path"], headers, client[0] if client else None
     )
-
-
-async def send_error(send: Send, exc: BaseException, extra: dict[str, str] | None = None) -> None:
-    status, body, headers = error_response(exc)
-    payload = dumps(body)
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in {**headers, **(extra or {})}.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
 
 
 class EdgeMiddleware:
@@ -114,7 +105,7 @@ class EdgeMiddleware:
                 else:
                     admission = gate.admit(info)
         except TorchshipError as exc:
-            await send_error(send_with_headers, exc)
+            await send_asgi_error(send_with_headers, exc)
             return
         if preflight is not None:
             raw = [(k.lower().encode(), v.encode()) for k, v in preflight.items()]
