@@ -123,9 +123,13 @@ def test_auto_picks_a_verified_runtime_and_reports_timings(
     assert set(selection.timings_ms) == {"eager", "torchscript", "onnxruntime"}
     assert all(ms > 0 for ms in selection.timings_ms.values())
     assert selection.chosen == predictor.runtime
-    assert selection.timings_ms[selection.chosen] == min(selection.timings_ms.values())
     assert selection.batch_size == 8
-    assert f"runtime auto picked {selection.chosen}" in caplog.text
+    # Timed alone and in a full batch: the pick is best on both together.
+    assert set(selection.single_ms) == set(selection.timings_ms)
+    assert all(ms > 0 for ms in selection.single_ms.values())
+    scores = {name: selection.score(name) for name in selection.timings_ms}
+    assert scores[selection.chosen] == min(scores.values())
+    assert f"runtime auto picked {selection.chosen} (batch 1/8)" in caplog.text
     assert predictor.predict(data.x_test[:3]).shape == (3, 10)
 
 

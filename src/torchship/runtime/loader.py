@@ -135,7 +135,9 @@ def _load_auto(
         logger.info(
             "runtime auto: %s is a pickle and trust_pickle is off; eager not tried", manifest.ref
         )
-    cache_key = tuning_key(manifest, device=str(device), threads=threads, candidates=keys)
+    cache_key = tuning_key(
+        manifest, device=str(device), threads=threads, candidates=keys, sizes=[1, BATCH_SIZE]
+    )
     remembered = tuning.get(manifest, "runtime", cache_key) if tuning else None
     if remembered and len(keys) > 1:
         key = {"onnxruntime": "onnx"}.get(str(remembered.get("chosen")), remembered.get("chosen"))
@@ -146,6 +148,9 @@ def _load_auto(
                 {str(k): float(v) for k, v in dict(remembered.get("timings_ms", {})).items()},
                 int(remembered.get("batch_size", BATCH_SIZE)),
                 cached=True,
+                single_ms={
+                    str(k): float(v) for k, v in dict(remembered.get("single_ms", {})).items()
+                },
             )
             logger.info("%s", one.selection)
             return one
@@ -172,6 +177,7 @@ def _load_auto(
                 "chosen": selection.chosen,
                 "timings_ms": selection.timings_ms,
                 "batch_size": selection.batch_size,
+                "single_ms": selection.single_ms,
             },
         )
     return chosen
