@@ -683,6 +683,37 @@ def test_measure_stops_at_a_size_that_fails(warmup: int) -> None:
     assert scaling.failed == {8: "MemoryError: out of memory"}
 
 
+def test_measure_never_times_sizes_over_the_latency_budget() -> None:
+    clock = FakeClock()
+    calls: list[int] = []
+
+    def linear(n: int) -> None:  # 30 ms per item: a big model on one core
+        calls.append(n)
+        clock.now += 0.030 * n
+
+    scaling = measure_batch_scaling(
+        linear, (1, 2, 4, 8, 16, 32, 64), budget_s=0.5, max_latency_s=0.2, clock=clock
+    )
+    assert [m.batch_size for m in scaling.measurements] == [1, 2, 4]
+    assert set(calls) == {1, 2, 4, 8}  # 8 took 240 ms twice; 16 and up never ran
+    assert calls.count(8) == 3  # warm-up, then the two calls over the budget
+    assert scaling.skipped == {
+        8: "one batch took 240 ms, over the 200 ms budget (larger sizes not tried)"
+    }
+    assert "8 not timed: one batch took 240 ms" in scaling.table()
+    assert scaling.chosen == 1
+
+    slow_start = iter([0.5, 0.001])  # a slow first call is not held against a size
+
+    def jittery(n: int) -> None:
+        clock.now += next(slow_start, 0.001) if n == 2 else 0.001
+
+    scaling = measure_batch_scaling(
+        jittery, (1, 2, 4), budget_s=0.05, warmup=0, max_latency_s=0.1, clock=clock
+    )
+    assert [m.batch_size for m in scaling.measurements] == [1, 2, 4] and not scaling.skipped
+
+
 def test_measure_reraises_when_the_smallest_size_fails() -> None:
     def predict(n: int) -> None:
         raise RuntimeError("model is broken")

@@ -60,6 +60,7 @@ def test_second_start_reuses_runtime_race_and_batch_sizing(
         assert m2.scaling is not None and m2.scaling.cached
         assert m2.batcher.max_batch_size == m1.batcher.max_batch_size
         assert "remembered" in str(m2.predictor.selection)
+        assert m2.predictor.selection.single_ms == m1.predictor.selection.single_ms
         assert m2.info()["batch_scaling_remembered"] is True
         assert second.predict(TensorPayload(x)).predictions == expected
     finally:
@@ -111,5 +112,28 @@ def test_an_unwritable_cache_still_serves(tuned_store: ModelStore) -> None:
     try:
         assert service.readiness()[0]
         assert service.get("digits").predictor.selection is not None
+    finally:
+        service.stop()
+
+
+def test_batch_sizes_over_the_latency_budget_are_never_chosen_and_not_timed_again(
+    tuned_store: ModelStore,
+) -> None:
+    # A budget no batch of 2 can meet: sizing stops there, remembers why, serves batch 1.
+    for start in range(2):
+        service = _start(tuned_store, max_batch_ms=1e-6)
+        try:
+            loaded = service.get("digits")
+            assert loaded.scaling is not None and loaded.scaling.cached is bool(start)
+            assert [m.batch_size for m in loaded.scaling.measurements] == [1]
+            assert loaded.batcher.max_batch_size == 1
+            assert "over the 1e-06 ms budget" in loaded.info()["batch_scaling_not_timed"][2]
+        finally:
+            service.stop()
+    service = _start(tuned_store)  # another budget is another measurement
+    try:
+        loaded = service.get("digits")
+        assert loaded.scaling is not None and not loaded.scaling.cached
+        assert loaded.batcher.max_batch_size > 1
     finally:
         service.stop()

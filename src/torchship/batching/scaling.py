@@ -43,6 +43,8 @@ class BatchScaling:
     max_latency_s: float | None = None
     failed: dict[int, str] = field(default_factory=dict)
     """Batch size -> the error that stopped measuring there (e.g. out of memory)."""
+    skipped: dict[int, str] = field(default_factory=dict)
+    """Batch size -> why it and larger sizes were not timed (over ``max_latency_s``)."""
     cached: bool = False
     """True when measured at an earlier start and remembered (see runtime.tuning)."""
 
@@ -68,6 +70,8 @@ class BatchScaling:
             )
         for size, reason in self.failed.items():
             lines.append(f"{size:>6} failed: {reason}")
+        for size, reason in self.skipped.items():
+            lines.append(f"{size:>6} not timed: {reason}")
         return "\n".join(lines)
 
 
@@ -120,9 +124,13 @@ def measure_batch_scaling(
 
     Each size first gets ``warmup`` untimed calls, in ascending order; if a size
     larger than the first fails (say, out of memory), that size and larger ones are
-    dropped and the error recorded. Then the sizes are timed in rounds, one call each
-    in rotating order, until ``budget_s`` of timed calls is spent (at least one round,
-    at most ``max_repeats``), so a burst of background load hits every size alike.
+    dropped and the error recorded. A size larger than the first whose batch takes
+    longer than ``max_latency_s`` (twice in a row, so one slow first call does not
+    count) is dropped with the larger ones before they cost anything: it could never
+    be chosen, and for a large model on a small CPU those are most of the start-up
+    time. Then the sizes are timed in rounds, one call each in rotating order, until
+    ``budget_s`` of timed calls is spent (at least one round, at most ``max_repeats``),
+    so a burst of background load hits every size alike.
     """
     sizes = sorted(set(batch_sizes))
     if not sizes or sizes[0] < 1:
@@ -133,6 +141,7 @@ def measure_batch_scaling(
     if budget_s <= 0:
         raise ConfigError(f"budget_s must be positive, got {budget_s}.", hint="e.g. 2.0")
     failed: dict[int, str] = {}
+    skipped: dict[int, str] = {}
     ready: list[int] = []
 
     def give_up_from(n: int, exc: Exception) -> None:
@@ -142,13 +151,32 @@ def measure_batch_scaling(
         logger.warning("batch size %d failed during measurement, stopping there: %s", n, exc)
         del ready[ready.index(n) :]
 
+    def over_budget(n: int) -> str | None:
+        if max_latency_s is None or n == sizes[0]:
+            return None
+        for _ in range(2):
+            started = clock()
+            predict_batch(n)
+            elapsed = clock() - started
+            if elapsed <= max_latency_s:
+                return None
+        return (
+            f"one batch took {elapsed * 1000:.3g} ms, over the "
+            f"{max_latency_s * 1000:g} ms budget (larger sizes not tried)"
+        )
+
     for n in sizes:
         ready.append(n)
         try:
             for _ in range(warmup):
                 predict_batch(n)
+            reason = over_budget(n)
         except Exception as exc:
             give_up_from(n, exc)
+            break
+        if reason is not None:
+            skipped[n] = reason
+            ready.pop()
             break
 
     times: dict[int, list[float]] = {n: [] for n in ready}
@@ -180,4 +208,5 @@ def measure_batch_scaling(
         min_gain=min_gain,
         max_latency_s=max_latency_s,
         failed=failed,
+        skipped=skipped,
     )

@@ -56,6 +56,12 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--max-batch-size", type=int_or_auto, help="an integer, or 'auto'")
     p.add_argument("--max-delay-ms", type=float)
     p.add_argument(
+        "--max-batch-ms",
+        type=float,
+        help="with --max-batch-size auto: never choose a batch whose compute takes longer "
+        "than this (default 250)",
+    )
+    p.add_argument(
         "--inline-batch-ms",
         type=float,
         help="FastAPI: run batches on the event loop for CPU models measured faster than "
@@ -109,6 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "device",
             "max_batch_size",
             "max_delay_ms",
+            "max_batch_ms",
             "inline_batch_ms",
             "max_queue_size",
             "timeout_s",

@@ -121,6 +121,7 @@ class LoadedModel:
             "batches_on": "event loop" if self.batcher.inline else "worker thread",
             "batch_scaling": self.scaling.as_rows() if self.scaling else None,
             "batch_scaling_remembered": bool(self.scaling and self.scaling.cached),
+            "batch_scaling_not_timed": dict(self.scaling.skipped) if self.scaling else {},
             "input": spec.model_dump() if spec else None,
             "labels": self.predictor.labels,
             "metrics": self.predictor.manifest.metrics,
@@ -272,7 +273,11 @@ class InferenceService:
             handler.setup(predictor, max_image_pixels=s.max_image_pixels)
             scaling = None
             if max_batch_size == "auto":
-                scaling = _measure_scaling(predictor, self.tuning) if s.warmup else None
+                scaling = (
+                    _measure_scaling(predictor, self.tuning, s.max_batch_ms / 1000)
+                    if s.warmup
+                    else None
+                )
                 max_batch = scaling.chosen if scaling else 8
             else:
                 max_batch = max_batch_size
@@ -783,7 +788,9 @@ def _items(batch: torch.Tensor) -> list[torch.Tensor]:
     return list(batch.unbind(0))
 
 
-def _measure_scaling(predictor: Predictor, tuning: TuningCache) -> BatchScaling | None:
+def _measure_scaling(
+    predictor: Predictor, tuning: TuningCache, max_latency_s: float
+) -> BatchScaling | None:
     """Measure items/s against batch size on real examples and cap where it stops paying.
 
     Remembered per model, machine, runtime and thread count (``tuning``), so only the
@@ -796,6 +803,7 @@ def _measure_scaling(predictor: Predictor, tuning: TuningCache) -> BatchScaling 
         threads=torch.get_num_threads(),
         runtime=predictor.runtime,
         sizes=SCALING_SIZES,
+        max_latency_s=max_latency_s,
     )
     remembered = _remembered_scaling(tuning.get(manifest, "batch_scaling", key))
     if remembered is not None:
@@ -808,7 +816,7 @@ def _measure_scaling(predictor: Predictor, tuning: TuningCache) -> BatchScaling 
     def run(n: int) -> None:
         predictor.predict(samples[n])  # type: ignore[arg-type]
 
-    scaling = measure_batch_scaling(run, SCALING_SIZES, budget_s=1.0)
+    scaling = measure_batch_scaling(run, SCALING_SIZES, budget_s=1.0, max_latency_s=max_latency_s)
     log.info("%s batch scaling:\n%s", manifest.ref, scaling.table())
     tuning.put(
         manifest,
@@ -819,6 +827,8 @@ def _measure_scaling(predictor: Predictor, tuning: TuningCache) -> BatchScaling 
             "min_gain": scaling.min_gain,
             "rows": [[m.batch_size, m.seconds_per_batch, m.repeats] for m in scaling.measurements],
             "failed": {str(k): v for k, v in scaling.failed.items()},
+            "skipped": {str(k): v for k, v in scaling.skipped.items()},
+            "max_latency_s": max_latency_s,
         },
     )
     return scaling
@@ -833,7 +843,16 @@ def _remembered_scaling(entry: dict[str, Any] | None) -> BatchScaling | None:
         if chosen not in {m.batch_size for m in rows}:
             return None
         failed = {int(k): str(v) for k, v in dict(entry.get("failed", {})).items()}
-        return BatchScaling(rows, chosen, float(entry["min_gain"]), failed=failed, cached=True)
+        skipped = {int(k): str(v) for k, v in dict(entry.get("skipped", {})).items()}
+        return BatchScaling(
+            rows,
+            chosen,
+            float(entry["min_gain"]),
+            None if entry.get("max_latency_s") is None else float(entry["max_latency_s"]),
+            failed=failed,
+            skipped=skipped,
+            cached=True,
+        )
     except (KeyError, TypeError, ValueError):
         return None  # an unreadable entry: measure again
 

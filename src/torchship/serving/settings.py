@@ -110,6 +110,14 @@ class ServeSettings(Settings):
         description="How long a batch waits to fill up. 0: take what queued while the "
         "previous batch ran (batches still form under load; a lone request never waits).",
     )
+    max_batch_ms: float = Field(
+        250.0,
+        gt=0,
+        description="With max_batch_size 'auto': the largest batch whose compute alone takes "
+        "longer than this is neither chosen nor timed (it would add that much to the "
+        "latency of every request queued behind it; for a big model on a small CPU, timing "
+        "such batches was most of the start-up).",
+    )
     inline_batch_ms: float = Field(
         1.0,
         ge=0,
