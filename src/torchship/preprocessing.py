@@ -1,7 +1,8 @@
 """Turn uploaded images (and client-sent tensors) into exactly what a model expects.
 
 One implementation shared by the servers, batch jobs and the CLI, driven by the
-model's :class:`~torchship.store.manifest.InputSpec`, with Pillow and NumPy only:
+model's :class:`~torchship.store.manifest.InputSpec`: Pillow decodes, NumPy and torch's
+uint8 resampling do the rest (no torchvision):
 
 1. :func:`decode_image` refuses what must not be decoded: empty or non-image bytes,
    truncated files (400) and decompression bombs (413, checked from the header
@@ -175,15 +176,13 @@ def image_to_array(img: Image.Image, spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
 
 
-def _normalize_u8(img: Image.Image, spec: InputSpec, invert: bool) -> np.ndarray:
-    """8-bit pixels straight to ``(x / 255 - mean) / std`` (or of ``1 - x / 255``).
+def _normalize_u8(chw: np.ndarray, spec: InputSpec, invert: bool) -> np.ndarray:
+    """(C, H, W) 8-bit pixels straight to ``(x / 255 - mean) / std`` (or of ``1 - x / 255``).
 
     One scale and one shift per channel, written into the (C, H, W) output in place:
     the same numbers as the step-by-step formula, with two passes over the data
     instead of five (it matters for photo models, where this runs per image).
     """
-    pixels = np.asarray(img)
-    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     mean = np.asarray(spec.mean, dtype=np.float64).reshape(-1, 1, 1)
     std = np.asarray(spec.std, dtype=np.float64).reshape(-1, 1, 1)
     if invert:  # (1 - x/255 - mean) / std
@@ -337,24 +336,40 @@ def _to_float(img: Image.Image) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def _stretch(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    h, w = size
-    return img if img.size == (w, h) else img.resize((w, h), Image.Resampling.BILINEAR)
+def _stretch(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    return _resample(np.asarray(img), size)
 
 
-def _center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+def _center_crop(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """torchvision's ``Resize(256)`` + ``CenterCrop(224)``, generalized to any crop size.
 
-    Resizes only the centred box that the crop keeps (Pillow's ``box``), so a long
-    thin panorama costs no more than a square photo.
+    Resizes only the centred box that the crop keeps, so a long thin panorama costs no
+    more than a square photo. The box is whole pixels, as torchvision's crop is.
     """
     h, w = size
     width, height = img.size
     scale = max(h / CROP_RATIO / height, w / CROP_RATIO / width)  # output px per source px
-    crop_w, crop_h = w / scale, h / scale
-    left, top = (width - crop_w) / 2, (height - crop_h) / 2
-    box = (left, top, left + crop_w, top + crop_h)
-    return img.resize((w, h), Image.Resampling.BILINEAR, box=box)
+    crop_w = min(width, max(1, round(w / scale)))
+    crop_h = min(height, max(1, round(h / scale)))
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    return _resample(np.asarray(img)[top : top + crop_h, left : left + crop_w], size)
+
+
+def _resample(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W[, C]) 8-bit pixels to (C, *size), bilinear, antialiased when shrinking.
+
+    torch's uint8 kernel for this is a vectorized port of Pillow's resampling (the same
+    filter, within a level or two): 2-2.5x faster than Pillow on photos, which made it
+    a third of a ResNet request's preprocessing.
+    """
+    h, w = size
+    x = torch.from_numpy(np.array(pixels))  # a writable copy of Pillow's read-only buffer
+    x = x.permute(2, 0, 1)[None] if x.ndim == 3 else x[None, None]
+    if tuple(x.shape[-2:]) != (h, w):
+        x = torch.nn.functional.interpolate(
+            x, size=(h, w), mode="bilinear", antialias=True, align_corners=False
+        )
+    return x[0].numpy()
 
 
 def _fit_ink(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
