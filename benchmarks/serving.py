@@ -849,7 +849,7 @@ def judge(
                 what,
                 f"{ceiling.paired_with} vs {ceiling.runtime} at batch {ceiling.batch} (the "
                 f"better thread layout), back to back: req/s / items/s = {detail}; "
-                f"median ratio {share:.2f}x",
+                f"median ratio {share:.3f}x",
                 verdict(share >= TARGET_CEILING),
             ]
         )
