@@ -3,6 +3,7 @@ the server they run (ports, probe paths, users, settings)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
@@ -265,6 +266,12 @@ def test_compose_wires_replicas_balancer_and_monitoring_together() -> None:
     assert re.search(r"^\s*server torchship:8000 ", conf, re.M)
     assert "least_conn;" in conf and "max_fails=" in conf and "non_idempotent" in conf
     assert nginx["depends_on"]["torchship"]["condition"] == "service_healthy"
+    # replicas trust X-Forwarded-For from nginx's fixed address only, inside the subnet
+    nginx_ip = nginx["networks"]["default"]["ipv4_address"]
+    assert app["environment"]["TORCHSHIP_TRUSTED_PROXIES"] == nginx_ip
+    subnet = compose["networks"]["default"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(nginx_ip) in ipaddress.ip_network(subnet)
+    assert "networks" not in app  # on the same default network as nginx
     # Prometheus scrapes every replica (DNS service discovery of the service name)
     scrape = load(DEPLOY / "monitoring" / "prometheus.yml")
     job = next(j for j in scrape["scrape_configs"] if j["job_name"] == "torchship")
