@@ -599,3 +599,132 @@ def test_function_entry_point_statuses_and_handler_errors(tmp_path: Path) -> Non
         )
         assert r.status_code == 500  # bytearray is not JSON: the handler's answer cannot be sent
         assert c.post("/predictions/fn", json={"x": 2}).json()["echo"] == {"x": 2}
+
+
+METRICS_HANDLER = """
+import time
+
+
+class Dimension:  # what ts.metrics.dimension.Dimension is: a name and a value
+    def __init__(self, name, value):
+        self.name, self.value = name, value
+
+
+class MetricTypes:  # stands in for TorchServe's enum: members with .value
+    class _T:
+        def __init__(self, value):
+            self.value = value
+    COUNTER, GAUGE, HISTOGRAM = _T("counter"), _T("gauge"), _T("histogram")
+
+
+def handle(data, context):
+    m = context.metrics
+    if data is None:  # initialise: declare a metric the TorchServe 0.8+ way
+        m.add_metric_to_cache("ImagesSeen", "count", ["Source"], MetricTypes.COUNTER)
+        return None
+    started = time.perf_counter()
+    out = []
+    for row in data:
+        body = row.get("body") or {}
+        source = str(body.get("source", "web"))
+        m.get_metric("ImagesSeen", MetricTypes.COUNTER).add_or_update(1, [source])
+        m.add_metric("Score", float(body.get("score", 0.5)), "ratio", None, [], MetricTypes.HISTOGRAM)
+        if body.get("bad"):
+            m.add_counter("Images Seen", -1)  # not a valid counter step: dropped, logged
+            m.add_time("HandlerTime", 1.0, None, "ms", [Dimension("Source", source)])  # new dims
+        out.append({"ok": True})
+    m.add_time("HandlerTime", (time.perf_counter() - started) * 1000, None, "ms",
+               [Dimension("ModelName", context.model_name), Dimension("Level", "Model")])
+    m.add_size("OutputSize", 0.25, None, "kB")
+    return out
+"""
+
+
+def test_handler_metrics_are_exported_with_the_model_and_never_fail_a_request(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "model_store"
+    store.mkdir()
+    write_zip(
+        store / "m.mar",
+        [
+            ("m_handler.py", METRICS_HANDLER.encode()),
+            (MANIFEST_PATH, manifest_bytes("m", "m_handler:handle", modelVersion="2.0")),
+        ],
+    )
+    settings = ServeSettings(store=tmp_path / "models", models=["m.mar"], model_store=store)
+    with TestClient(create_app(settings, load_in_background=False)) as c:
+        for body in ({"source": "web"}, {"source": "app", "score": 0.9}, {"source": "web"}):
+            assert c.post("/predictions/m", json=body).status_code == 200
+        # a handler that misuses metrics still answers
+        assert c.post("/predictions/m", json={"bad": True, "source": "web"}).status_code == 200
+        text = c.get("/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    series = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("torchship_handler_")
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return series[(name, tuple(sorted({"model": "m", "version": "2.0", **labels}.items())))]
+
+    assert value("torchship_handler_ImagesSeen_total", Source="web") == 3
+    assert value("torchship_handler_ImagesSeen_total", Source="app") == 1
+    assert value("torchship_handler_Score_count") == 4
+    assert value("torchship_handler_Score_sum") == pytest.approx(2.4)
+    # TorchServe's own default dimensions (ModelName, Level) become the model label
+    assert value("torchship_handler_HandlerTime") >= 0
+    assert value("torchship_handler_OutputSize") == 0.25
+    assert "# HELP torchship_handler_HandlerTime Handler metric 'HandlerTime' (ms)." in text
+    # misuse is dropped, not raised: a negative counter step; the same name with new
+    # dimensions (HandlerTime keeps the shape of its first use)
+    assert not any(name.startswith("torchship_handler_Images_Seen") for name, _ in series)
+    assert [labels for name, labels in series if name == "torchship_handler_HandlerTime"] == [
+        (("model", "m"), ("version", "2.0"))
+    ]
+
+
+def test_handler_metrics_api_checks_what_torchserve_checks() -> None:
+    from torchship.torchserve.contract import HandlerMetrics, MetricNotFoundError
+
+    seen: list[tuple[str, str, str, dict[str, str], float]] = []
+    m = HandlerMetrics("digits", lambda *args: seen.append(args))
+    with pytest.raises(ValueError, match="unit of a time metric"):
+        m.add_time("t", 1.0, unit="h")
+    with pytest.raises(ValueError, match="unit of a size metric"):
+        m.add_size("s", 1.0, unit="TB")
+    with pytest.raises(MetricNotFoundError):
+        m.get_metric("never_added")
+    cached = m.add_metric_to_cache("requests", "count", ["route"])
+    with pytest.raises(ValueError, match="dimensions"):
+        cached.add_or_update(1, [])
+    cached.add_or_update(2, ["/a"])
+    m.add_counter("requests_plain", 1, dimensions=[("model", "x"), ("le", "0.5")])
+    assert seen == [
+        ("counter", "requests", "count", {"route": "/a"}, 2.0),
+        ("counter", "requests_plain", "count", {"dim_model": "x", "dim_le": "0.5"}, 1.0),
+    ]
+    assert m.values == {"requests": 2.0, "requests_plain": 1.0}
+
+
+def test_handler_metric_families_and_series_are_capped() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from torchship.serving.custom_metrics import MAX_FAMILIES, MAX_SERIES, CustomMetrics
+
+    registry = CollectorRegistry()
+    custom = CustomMetrics(registry)
+    for i in range(MAX_SERIES + 10):  # e.g. a request id put into a dimension
+        custom.record("counter", "hits", "", {"model": "m", "request": str(i)}, 1)
+    for i in range(MAX_FAMILIES + 10):
+        custom.record("gauge", f"g{i}", "", {"model": "m"}, float(i))
+    with pytest.raises(ValueError, match="kind"):
+        custom.record("summary", "s", "", {}, 1)
+    text = generate_latest(registry).decode()
+    assert text.count("torchship_handler_hits_total{") == MAX_SERIES
+    families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    names = {f.removesuffix("_created").removesuffix("_total") for f in families}
+    assert len(names) == MAX_FAMILIES

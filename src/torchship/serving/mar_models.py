@@ -209,6 +209,7 @@ class ArchiveWorker:
             archive.config.batch_size,
             (archive.device.index or 0) if archive.device.type == "cuda" else None,
             model_yaml_config=archive.yaml_config,
+            metrics=archive.record_metric,
         )
         with archive_imports(archive.model_dir):
             self.entry: EntryPoint = load_entry_point(archive.model_dir, archive.handler)
@@ -307,9 +308,17 @@ class ArchivePredictor(Predictor):
         self.graceful_timeout_s = service.settings.graceful_timeout_s
         metrics = service.metrics
         self.on_batch = lambda event: metrics.on_batch(name, self.version, event)
+        self._custom = metrics.custom
         self.workers: list[ArchiveWorker] = []
         self._scale_lock = threading.Lock()
         self._numbers = 0
+
+    def record_metric(
+        self, kind: str, metric: str, unit: str, dims: dict[str, str], value: float
+    ) -> None:
+        """A handler's ``context.metrics`` call, labelled with this archive's model."""
+        labels = {"model": self.name, "version": self.version, **dims}
+        self._custom.record(kind, metric, unit, labels, value)
 
     # --- workers ----------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from torchship.batching import BatchEvent
+from torchship.serving.custom_metrics import CustomMetrics
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -261,6 +262,8 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        #: Metrics that model code defines (TorchServe handlers' ``context.metrics``).
+        self.custom = CustomMetrics(r)
         #: Asked at every scrape, so the scraped worker's readiness is never stale.
         self.readiness: Callable[[], bool] | None = None
         self.workers.set(1)

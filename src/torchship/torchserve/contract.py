@@ -37,6 +37,7 @@ from torchship.errors import (
     ModelLoadError,
 )
 from torchship.runtime import Predictor
+from torchship.serving.custom_metrics import label_name
 from torchship.serving.handlers import Handler
 from torchship.serving.payloads import ImagePayload, Payload, TensorPayload
 
@@ -80,55 +81,172 @@ class RequestProcessor:
         return self._response_header.get(key)
 
 
-class _Metric:
-    def add_or_update(
-        self, value: float, dimension_values: Any = None, request_id: Any = None
-    ) -> None:
-        pass
+MetricSink = Callable[[str, str, str, dict[str, str], float], None]
+"""``(kind, name, unit, dimensions, value)``: where handler metrics go (see
+:class:`torchship.serving.custom_metrics.CustomMetrics`)."""
 
+_TIME_UNITS = ("ms", "s")
+_SIZE_UNITS = ("MB", "kB", "GB", "B")
+_DEFAULT_DIMENSIONS = ("ModelName", "Level")  # TorchServe's own; torchship labels the model
+
+
+class MetricNotFoundError(KeyError):
+    """``context.metrics.get_metric`` of a name never added (TorchServe raises here too)."""
+
+
+class CachedMetric:
+    """What ``add_metric_to_cache`` / ``get_metric`` return: ``add_or_update`` records."""
+
+    def __init__(
+        self, owner: HandlerMetrics, name: str, unit: str, dimension_names: list[str], kind: str
+    ) -> None:
+        self.owner = owner
+        self.name = name
+        self.unit = unit
+        self.dimension_names = list(dimension_names)
+        self.kind = kind
+
+    def add_or_update(
+        self, value: float, dimension_values: list[str] | None = None, request_id: Any = None
+    ) -> None:
+        values = list(dimension_values or [])
+        if len(values) != len(self.dimension_names):
+            raise ValueError(
+                f"Metric {self.name!r} has dimensions {self.dimension_names}; "
+                f"got {len(values)} values."
+            )
+        dims = dict(zip(self.dimension_names, values, strict=True))
+        self.owner._emit(self.kind, self.name, self.unit, dims, value)
+
+    # TorchServe's older metric objects
     def update(self, value: float, request_id: Any = None, dimensions: Any = None) -> None:
-        pass
+        self.owner._emit(self.kind, self.name, self.unit, _dimensions(dimensions), value)
 
 
 class HandlerMetrics:
-    """What handlers call on ``context.metrics``; values are kept (last one per name) and
-    logged at DEBUG, not exported: torchship's own metrics cover the serving path."""
+    """``context.metrics``: TorchServe's custom metrics API.
 
-    def __init__(self) -> None:
+    Exported on ``/metrics`` as ``torchship_handler_<name>`` with ``model`` and
+    ``version`` labels plus the metric's own dimensions, typed as TorchServe types them:
+    ``add_counter``/``add_error``/``add_metric`` count, ``add_time``/``add_size``/
+    ``add_percent`` are gauges, and ``metric_type`` chooses (counter, gauge, histogram).
+    The last value per name is also kept in ``values`` for handlers' own tests.
+    """
+
+    def __init__(self, model_name: str = "", sink: MetricSink | None = None) -> None:
+        self.model_name = model_name
+        self.sink = sink
         self.values: dict[str, float] = {}
         self.request_ids: Any = None
+        self._cache: dict[tuple[str, str], CachedMetric] = {}
 
-    def _record(self, name: str, value: float) -> None:
-        self.values[str(name)] = float(value)
-        log.debug("handler metric %s=%s", name, value)
+    def _emit(self, kind: str, name: str, unit: str, dims: dict[str, str], value: float) -> None:
+        value = float(value)
+        name = str(name)
+        self.values[name] = self.values.get(name, 0.0) + value if kind == "counter" else value
+        if self.sink is None:
+            return
+        labels = {
+            label_name(k): str(v) for k, v in dims.items() if str(k) not in _DEFAULT_DIMENSIONS
+        }
+        try:
+            self.sink(kind, name, unit, labels, value)
+        except Exception:  # a metric must never fail the request that recorded it
+            log.warning("handler metric %s could not be recorded", name, exc_info=True)
+
+    def add_metric(
+        self,
+        name: str,
+        value: float,
+        unit: str = "",
+        idx: Any = None,
+        dimensions: Any = None,
+        metric_type: Any = "counter",
+    ) -> None:
+        self._emit(_kind(metric_type), name, unit, _dimensions(dimensions), value)
+
+    def add_counter(self, name: str, value: float, idx: Any = None, dimensions: Any = None) -> None:
+        self._emit("counter", name, "count", _dimensions(dimensions), value)
 
     def add_time(
-        self, name: str, value: float, idx: Any = None, unit: str = "ms", *a: Any, **k: Any
+        self,
+        name: str,
+        value: float,
+        idx: Any = None,
+        unit: str = "ms",
+        dimensions: Any = None,
+        metric_type: Any = "gauge",
     ) -> None:
-        self._record(name, value)
+        if unit not in _TIME_UNITS:
+            raise ValueError(f"The unit of a time metric is one of {list(_TIME_UNITS)}.")
+        self._emit(_kind(metric_type), name, unit, _dimensions(dimensions), value)
 
     def add_size(
-        self, name: str, value: float, idx: Any = None, unit: str = "MB", *a: Any, **k: Any
+        self,
+        name: str,
+        value: float,
+        idx: Any = None,
+        unit: str = "MB",
+        dimensions: Any = None,
+        metric_type: Any = "gauge",
     ) -> None:
-        self._record(name, value)
+        if unit not in _SIZE_UNITS:
+            raise ValueError(f"The unit of a size metric is one of {list(_SIZE_UNITS)}.")
+        self._emit(_kind(metric_type), name, unit, _dimensions(dimensions), value)
 
-    def add_percent(self, name: str, value: float, idx: Any = None, *a: Any, **k: Any) -> None:
-        self._record(name, value)
+    def add_percent(
+        self,
+        name: str,
+        value: float,
+        idx: Any = None,
+        dimensions: Any = None,
+        metric_type: Any = "gauge",
+    ) -> None:
+        self._emit(_kind(metric_type), name, "percent", _dimensions(dimensions), value)
 
-    def add_counter(self, name: str, value: float, idx: Any = None, *a: Any, **k: Any) -> None:
-        self._record(name, self.values.get(str(name), 0.0) + float(value))
+    def add_error(self, name: str, value: float = 1, dimensions: Any = None) -> None:
+        self._emit("counter", name, "", _dimensions(dimensions), value)
 
-    def add_error(self, name: str, value: Any, *a: Any, **k: Any) -> None:
-        log.debug("handler error metric %s=%s", name, value)
+    def add_metric_to_cache(
+        self,
+        metric_name: str,
+        unit: str = "",
+        dimension_names: list[str] | None = None,
+        metric_type: Any = "counter",
+    ) -> CachedMetric:
+        kind = _kind(metric_type)
+        metric = CachedMetric(self, str(metric_name), unit, list(dimension_names or []), kind)
+        self._cache[(metric.name, kind)] = metric
+        return metric
 
-    def add_metric(self, name: str, value: float, *a: Any, **k: Any) -> None:
-        self._record(name, value)
+    def get_metric(self, metric_name: str, metric_type: Any = "counter") -> CachedMetric:
+        try:
+            return self._cache[(str(metric_name), _kind(metric_type))]
+        except KeyError:
+            raise MetricNotFoundError(
+                f"No {_kind(metric_type)} metric {metric_name!r}: add_metric_to_cache it first."
+            ) from None
 
-    def get_metric(self, *a: Any, **k: Any) -> _Metric:
-        return _Metric()
 
-    def add_metric_to_cache(self, *a: Any, **k: Any) -> _Metric:
-        return _Metric()
+def _kind(metric_type: Any) -> str:
+    """TorchServe's ``MetricTypes`` (an enum of "counter", "gauge", "histogram") or a str."""
+    text = str(getattr(metric_type, "value", metric_type)).lower()
+    if text not in ("counter", "gauge", "histogram"):
+        raise ValueError(f"Unknown metric type {metric_type!r}: counter, gauge or histogram.")
+    return text
+
+
+def _dimensions(dimensions: Any) -> dict[str, str]:
+    """TorchServe ``Dimension`` objects (``.name``, ``.value``), pairs, or a mapping."""
+    if not dimensions:
+        return {}
+    if isinstance(dimensions, Mapping):
+        return {str(k): str(v) for k, v in dimensions.items()}
+    out: dict[str, str] = {}
+    for d in dimensions:
+        name, value = (d.name, d.value) if hasattr(d, "name") else d
+        out[str(name)] = str(value)
+    return out
 
 
 class Context:
@@ -144,6 +262,7 @@ class Context:
         *,
         model_yaml_config: Mapping[str, Any] | None = None,
         limit_max_image_pixels: bool = True,
+        metrics: MetricSink | None = None,
     ) -> None:
         self.model_name = model_name
         self.manifest = dict(manifest)
@@ -156,7 +275,7 @@ class Context:
             "limit_max_image_pixels": limit_max_image_pixels,
         }
         self.model_yaml_config: dict[str, Any] = dict(model_yaml_config or {})
-        self.metrics = HandlerMetrics()
+        self.metrics = HandlerMetrics(model_name, metrics)
         self.request_ids: dict[int, str] | None = None
         self.request_processor: list[RequestProcessor] = []
         self.stopping_criteria: Any = None
