@@ -699,15 +699,20 @@ def test_handler_metrics_api_checks_what_torchserve_checks() -> None:
     with pytest.raises(MetricNotFoundError):
         m.get_metric("never_added")
     cached = m.add_metric_to_cache("requests", "count", ["route"])
-    with pytest.raises(ValueError, match="dimensions"):
-        cached.add_or_update(1, [])
+    cached.add_or_update(1, [])  # the wrong number of values: logged and dropped, as there
     cached.add_or_update(2, ["/a"])
     m.add_counter("requests_plain", 1, dimensions=[("model", "x"), ("le", "0.5")])
+    m.add_counter("requests_plain", "many")  # not a number: dropped
+    m.add_counter("clash", 1, dimensions={"a-b": "1", "a_b": "2"})  # one label twice: dropped
     assert seen == [
         ("counter", "requests", "count", {"route": "/a"}, 2.0),
         ("counter", "requests_plain", "count", {"dim_model": "x", "dim_le": "0.5"}, 1.0),
     ]
-    assert m.values == {"requests": 2.0, "requests_plain": 1.0}
+    assert m.values == {"requests": 2.0, "requests_plain": 1.0, "clash": 1.0}
+    # as in TorchServe, add_time & co. cache the metric, so get_metric finds it afterwards
+    m.add_time("latency", 3.0, None, "ms", [("route", "/a")])
+    m.get_metric("latency", "gauge").add_or_update(4.0, ["/b"])
+    assert seen[-1] == ("gauge", "latency", "ms", {"route": "/b"}, 4.0)
 
 
 def test_handler_metric_families_and_series_are_capped() -> None:
@@ -721,10 +726,49 @@ def test_handler_metric_families_and_series_are_capped() -> None:
         custom.record("counter", "hits", "", {"model": "m", "request": str(i)}, 1)
     for i in range(MAX_FAMILIES + 10):
         custom.record("gauge", f"g{i}", "", {"model": "m"}, float(i))
+    custom.record("gauge", "other_model", "", {"model": "n"}, 1.0)  # the cap is per model
     with pytest.raises(ValueError, match="kind"):
         custom.record("summary", "s", "", {}, 1)
     text = generate_latest(registry).decode()
     assert text.count("torchship_handler_hits_total{") == MAX_SERIES
     families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
     names = {f.removesuffix("_created").removesuffix("_total") for f in families}
-    assert len(names) == MAX_FAMILIES
+    assert len(names) == MAX_FAMILIES + 1 and "torchship_handler_other_model" in names
+
+
+def test_handler_metrics_keep_one_shape_per_name_and_drop_what_would_break_it() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from torchship.serving.custom_metrics import CustomMetrics
+
+    registry = CollectorRegistry()
+    custom = CustomMetrics(registry)
+    m = {"model": "m", "version": "1"}
+    custom.record("counter", "a", "", {**m, "x": "1", "y": "2"}, 1)
+    custom.record("counter", "a", "", {"y": "2", **m, "x": "1"}, 2)  # same labels, other order
+    custom.record("counter", "a", "", {**m, "x": "1"}, 1)  # other dimensions: dropped
+    custom.record("gauge", "a", "", {**m, "x": "1", "y": "2"}, 1)  # other type: dropped
+    custom.record("counter", "a", "", {**m, "x": "1", "y": "2"}, float("nan"))  # dropped
+    custom.record("gauge", "a_total", "", m, 5)  # would write the counter's series: dropped
+    custom.record("histogram", "t", "ms", m, 150.0)  # milliseconds get millisecond buckets
+    custom.record("gauge", "g", "", {"model": "m", "version": "2"}, 7.0)
+    custom.record("gauge", "g", "", m, 8.0)
+    custom.forget(model="m", version="2")  # an unloaded version's series go
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in f.samples
+        if not s.name.endswith("_created")
+    }
+    labels = tuple(sorted({**m, "x": "1", "y": "2"}.items()))
+    assert samples[("torchship_handler_a_total", labels)] == 3.0
+    assert not [
+        k for k in samples if k[0].startswith("torchship_handler_a_total") and k[1] != labels
+    ]
+    assert not any(k[0] == "torchship_handler_a" for k in samples)
+    bucket = tuple(sorted({**m, "le": "250.0"}.items()))
+    assert samples[("torchship_handler_t_bucket", bucket)] == 1.0
+    assert [k for k in samples if k[0] == "torchship_handler_g"] == [
+        ("torchship_handler_g", tuple(sorted(m.items())))
+    ]

@@ -374,6 +374,7 @@ class ArchivePredictor(Predictor):
             workers, self.workers = self.workers, []
         for w in workers:
             w.stop(drain=False, timeout=self.graceful_timeout_s)
+        self._custom.forget(model=self.name, version=self.version)  # no stale series
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

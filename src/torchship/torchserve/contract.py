@@ -110,11 +110,12 @@ class CachedMetric:
         self, value: float, dimension_values: list[str] | None = None, request_id: Any = None
     ) -> None:
         values = list(dimension_values or [])
-        if len(values) != len(self.dimension_names):
-            raise ValueError(
-                f"Metric {self.name!r} has dimensions {self.dimension_names}; "
-                f"got {len(values)} values."
+        if len(values) != len(self.dimension_names):  # TorchServe logs this and goes on
+            self.owner._drop(
+                self.name,
+                f"has dimensions {self.dimension_names}, got {len(values)} values",
             )
+            return
         dims = dict(zip(self.dimension_names, values, strict=True))
         self.owner._emit(self.kind, self.name, self.unit, dims, value)
 
@@ -139,20 +140,39 @@ class HandlerMetrics:
         self.values: dict[str, float] = {}
         self.request_ids: Any = None
         self._cache: dict[tuple[str, str], CachedMetric] = {}
+        self._dropped: set[tuple[str, str]] = set()
 
-    def _emit(self, kind: str, name: str, unit: str, dims: dict[str, str], value: float) -> None:
-        value = float(value)
+    def _emit(self, kind: str, name: str, unit: str, dims: dict[str, str], value: Any) -> None:
         name = str(name)
-        self.values[name] = self.values.get(name, 0.0) + value if kind == "counter" else value
+        if (name, kind) not in self._cache:  # as in TorchServe: add_* also caches it
+            self._cache[(name, kind)] = CachedMetric(self, name, unit, list(dims), kind)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self._drop(name, f"value {value!r} is not a number")
+            return
+        self.values[name] = self.values.get(name, 0.0) + number if kind == "counter" else number
         if self.sink is None:
             return
-        labels = {
-            label_name(k): str(v) for k, v in dims.items() if str(k) not in _DEFAULT_DIMENSIONS
-        }
+        labels: dict[str, str] = {}
+        for key, text in dims.items():
+            if str(key) in _DEFAULT_DIMENSIONS:
+                continue
+            label = label_name(key)
+            if label in labels:
+                self._drop(name, f"dimensions {list(dims)} give the label {label!r} twice")
+                return
+            labels[label] = str(text)
         try:
-            self.sink(kind, name, unit, labels, value)
+            self.sink(kind, name, unit, labels, number)
         except Exception:  # a metric must never fail the request that recorded it
-            log.warning("handler metric %s could not be recorded", name, exc_info=True)
+            self._drop(name, "the metrics registry refused it", exc_info=True)
+
+    def _drop(self, name: str, why: str, *, exc_info: bool = False) -> None:
+        """Log a metric call that cannot be recorded, once per metric and reason."""
+        if (name, why) not in self._dropped:
+            self._dropped.add((name, why))
+            log.warning("handler metric %s: %s; dropped", name, why, exc_info=exc_info)
 
     def add_metric(
         self,
