@@ -863,13 +863,25 @@ def judge(
                 f"first prediction <= {TARGET_STARTUP_S:g} s after spawn (torchship FastAPI, digits)",
                 f"{default.first_ok_s:.2f} s at a restart (first answer of any kind "
                 f"{default.listen_s:.2f} s); the first start on a new machine, which times "
-                f"runtimes and batch sizes once, {default.cold_ok_s:.2f} s",
+                f"runtimes and batch sizes once, {default.cold_ok_s:.2f} s; for scale, "
+                f"`python -c 'import torch'` alone takes {torch_import_s():.2f} s here now",
                 verdict(default.first_ok_s <= TARGET_STARTUP_S),
             ]
         )
     else:
         rows.append(["first prediction after spawn", "not measured", verdict(None)])
     return rows
+
+
+def torch_import_s(runs: int = 3) -> float:
+    """Median seconds for a fresh interpreter to import torch: most of any start-up, and
+    it varies with the machine's load, so the start-up target is read next to it."""
+    times = []
+    for _ in range(runs):
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        times.append(time.monotonic() - started)
+    return statistics.median(times)
 
 
 def peers() -> list[str]:
