@@ -37,9 +37,14 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, s
 def dumps(body: Any) -> bytes:
     """Compact JSON; orjson, a fraction of ``json.dumps``'s cost on every answer.
 
-    orjson would write NaN as null: handlers refuse non-finite outputs before this.
+    orjson would write NaN as null: handlers refuse non-finite outputs before this. Keys
+    that are not strings (ints, in a handler's or a status field's dict) are written as
+    strings, as ``json.dumps`` does; only answers that hold one pay for the second try.
     """
-    return orjson.dumps(body)
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
 
 
 async def send_asgi_error(

@@ -121,7 +121,9 @@ class LoadedModel:
             "batches_on": "event loop" if self.batcher.inline else "worker thread",
             "batch_scaling": self.scaling.as_rows() if self.scaling else None,
             "batch_scaling_remembered": bool(self.scaling and self.scaling.cached),
-            "batch_scaling_not_timed": dict(self.scaling.skipped) if self.scaling else {},
+            "batch_scaling_not_timed": {str(k): v for k, v in self.scaling.skipped.items()}
+            if self.scaling
+            else {},
             "input": spec.model_dump() if spec else None,
             "labels": self.predictor.labels,
             "metrics": self.predictor.manifest.metrics,
