@@ -197,8 +197,7 @@ class HandlerMetrics:
         dimensions: Any = None,
         metric_type: Any = "gauge",
     ) -> None:
-        if unit not in _TIME_UNITS:
-            raise ValueError(f"The unit of a time metric is one of {list(_TIME_UNITS)}.")
+        unit = _unit(unit, _TIME_UNITS, "time")
         self._emit(_kind(metric_type), name, unit, _dimensions(dimensions), value)
 
     def add_size(
@@ -210,8 +209,7 @@ class HandlerMetrics:
         dimensions: Any = None,
         metric_type: Any = "gauge",
     ) -> None:
-        if unit not in _SIZE_UNITS:
-            raise ValueError(f"The unit of a size metric is one of {list(_SIZE_UNITS)}.")
+        unit = _unit(unit, _SIZE_UNITS, "size")
         self._emit(_kind(metric_type), name, unit, _dimensions(dimensions), value)
 
     def add_percent(
@@ -246,6 +244,13 @@ class HandlerMetrics:
             raise MetricNotFoundError(
                 f"No {_kind(metric_type)} metric {metric_name!r}: add_metric_to_cache it first."
             ) from None
+
+
+def _unit(unit: str, allowed: tuple[str, ...], what: str) -> str:
+    """TorchServe refuses other units for time and size metrics; so does torchship."""
+    if unit not in allowed:
+        raise ValueError(f"The unit of a {what} metric is one of {list(allowed)}.")
+    return unit
 
 
 def _kind(metric_type: Any) -> str:
