@@ -274,3 +274,58 @@ def test_the_collector_paused_for_start_up_is_back_once_the_models_load(core_sto
             assert gc.isenabled() is not user_disabled
     finally:
         gc.enable()
+
+
+def test_stopping_while_the_models_load_waits_for_the_loader_and_loads_no_more(
+    core_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGTERM at start-up: the loader thread must be done (no runtime's native threads
+    # running while the interpreter exits: that aborted the container, exit 139) and
+    # the second model must never load.
+    in_load, release = threading.Event(), threading.Event()
+    loads: list[str] = []
+    original = InferenceService.load
+
+    def slow_load(self: InferenceService, ref: str, **kw: object) -> object:
+        loads.append(ref)
+        in_load.set()
+        release.wait(10)
+        return original(self, ref, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(InferenceService, "load", slow_load)
+    app = fastapi_app.create_app(_settings(core_store, models=["digits", "digits:1"]))
+    with TestClient(app) as client:
+        assert in_load.wait(10)
+        assert client.get("/health/ready").status_code == 503
+        threading.Timer(0.3, release.set).start()  # the load in hand ends after shutdown begins
+    service: InferenceService = app.state.service
+    assert loads == ["digits"]
+    assert not any(t.name == "torchship-loader" and t.is_alive() for t in threading.enumerate())
+    assert all(not m.ready for m in service.models())
+
+
+def test_a_process_exiting_while_the_models_load_lets_the_loader_finish_first(
+    core_store: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    script = """
+import sys, time
+from torchship.serving import InferenceService, ServeSettings, flask_app
+original = InferenceService.load
+def slow(self, ref, **kw):
+    time.sleep(0.5)
+    loaded = original(self, ref, **kw)
+    print("loaded", ref, flush=True)
+    return loaded
+InferenceService.load = slow
+flask_app.create_app(ServeSettings(store=sys.argv[1], models=["digits", "digits:1"], runtime="eager"))
+print("exiting", flush=True)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(core_store)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    # the model in hand finished loading before the interpreter shut down; no other began
+    assert proc.stdout.split("\n")[:3] == ["exiting", "loaded digits", ""], proc.stdout

@@ -135,12 +135,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = None
         if load_in_background:
-            start_in_background(service)
+            loader = start_in_background(service)
         else:
             await asyncio.to_thread(service.start)
         install_drain_delay(service.begin_drain, settings.drain_delay_s)
         yield
+        if loader is not None and loader.is_alive():
+            # Stopped while the models load: let the loader finish the model in hand (a
+            # runtime's native threads must not be running when the interpreter exits:
+            # that aborted the process) and load no more, then retire what it loaded.
+            service.abandon_start()
+            await asyncio.to_thread(loader.join, settings.graceful_timeout_s)
         await asyncio.to_thread(service.stop, True)
 
     app = FastAPI(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import threading
@@ -63,15 +64,28 @@ async def send_asgi_error(
 
 
 def start_in_background(service: InferenceService) -> threading.Thread:
-    """Load the models on a thread so liveness answers at once and readiness when warm."""
+    """Load the models on a thread so liveness answers at once and readiness when warm.
+
+    A process that exits while it loads (Ctrl-C on the dev server, SIGTERM at start-up)
+    first lets it finish the model in hand and load no more: the interpreter must not
+    shut down under a runtime's native threads (that aborts the process).
+    """
+
+    def finish_loading() -> None:
+        if thread.is_alive():
+            service.abandon_start()
+            thread.join(service.settings.graceful_timeout_s)
 
     def run() -> None:
         try:
             service.start()
         except Exception:
             log.exception("loading the models failed; the server stays not-ready")
+        finally:
+            atexit.unregister(finish_loading)
 
     thread = threading.Thread(target=run, name="torchship-loader", daemon=True)
+    atexit.register(finish_loading)
     thread.start()
     return thread
 

@@ -183,7 +183,11 @@ class InferenceService:
         threads = self.settings.threads_per_worker()
         set_threads(threads)
         for ref in self.settings.models:
+            if self._stopping:  # stopped while loading (SIGTERM at start-up): no more
+                return self
             self.load(ref, threads=threads)
+        if self._stopping:
+            return self
         for name in self._order:
             self.traffic.attach(name, self._defaults[name], functools.partial(self._ensure, name))
         self.traffic.start()
@@ -385,6 +389,12 @@ class InferenceService:
         loaded.retire(self.settings.graceful_timeout_s)
         self._invalidate(name, version)
         self.metrics.model_stopped(name, version)
+
+    def abandon_start(self) -> None:
+        """A start-up on another thread loads no model after the one in hand (see
+        ``http.start_in_background``); call :meth:`stop` once that thread is done."""
+        self.draining = True
+        self._stopping = True
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; finish the queued ones when ``drain``."""
