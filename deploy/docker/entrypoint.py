@@ -12,6 +12,7 @@ exception", exit 139) or hang it until the grace period runs out (137). Once the
 has its handler, it drains, stops its model loader and returns normally.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -19,10 +20,8 @@ import sys
 
 def _stop_before_serving(signum: int, frame: object) -> None:
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing to lose
             stream.flush()
-        except (OSError, ValueError):  # closed or broken: nothing left to lose
-            pass
     os._exit(0)
 
 
