@@ -29,7 +29,7 @@ from torchship.errors import (
 from torchship.monitoring.asgi import RequestMonitorMiddleware
 from torchship.monitoring.requests import RequestObserver
 from torchship.serving import mar_models, payloads, protocols, status_page
-from torchship.serving.http import dumps, error_response, start_in_background
+from torchship.serving.http import dumps, error_response, start_in_background, stop_loading
 from torchship.serving.management import Management
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
 from torchship.serving.payloads import IMAGE_FIELDS, Payload
@@ -142,12 +142,8 @@ def create_app(
             await asyncio.to_thread(service.start)
         install_drain_delay(service.begin_drain, settings.drain_delay_s)
         yield
-        if loader is not None and loader.is_alive():
-            # Stopped while the models load: let the loader finish the model in hand (a
-            # runtime's native threads must not be running when the interpreter exits:
-            # that aborted the process) and load no more, then retire what it loaded.
-            service.abandon_start()
-            await asyncio.to_thread(loader.join, settings.graceful_timeout_s)
+        if loader is not None:  # stopped while the models load: see start_in_background
+            await asyncio.to_thread(stop_loading, service, loader)
         await asyncio.to_thread(service.stop, True)
 
     app = FastAPI(

@@ -71,10 +71,8 @@ def start_in_background(service: InferenceService) -> threading.Thread:
     shut down under a runtime's native threads (that aborts the process).
     """
 
-    def finish_loading() -> None:
-        if thread.is_alive():
-            service.abandon_start()
-            thread.join(service.settings.graceful_timeout_s)
+    def finish_loading() -> None:  # one per loader: atexit.unregister drops by identity
+        stop_loading(service, thread)
 
     def run() -> None:
         try:
@@ -88,6 +86,13 @@ def start_in_background(service: InferenceService) -> threading.Thread:
     atexit.register(finish_loading)
     thread.start()
     return thread
+
+
+def stop_loading(service: InferenceService, loader: threading.Thread) -> None:
+    """Let ``loader`` finish the model in hand and load no more (then ``service.stop``)."""
+    if loader.is_alive():
+        service.abandon_start()
+        loader.join(service.settings.graceful_timeout_s)
 
 
 MANAGEMENT_PREFIX = "/manage"
