@@ -398,8 +398,7 @@ class InferenceService:
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; finish the queued ones when ``drain``."""
-        self.draining = True
-        self._stopping = True
+        self.abandon_start()  # not ready, and a start-up in progress loads no more
         self.traffic.stop()
         with self._lock:
             models = list(self._models.values())

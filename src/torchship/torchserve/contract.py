@@ -37,7 +37,7 @@ from torchship.errors import (
     ModelLoadError,
 )
 from torchship.runtime import Predictor
-from torchship.serving.custom_metrics import label_name
+from torchship.serving.custom_metrics import KINDS, label_name
 from torchship.serving.handlers import Handler
 from torchship.serving.payloads import ImagePayload, Payload, TensorPayload
 
@@ -256,7 +256,7 @@ def _unit(unit: str, allowed: tuple[str, ...], what: str) -> str:
 def _kind(metric_type: Any) -> str:
     """TorchServe's ``MetricTypes`` (an enum of "counter", "gauge", "histogram") or a str."""
     text = str(getattr(metric_type, "value", metric_type)).lower()
-    if text not in ("counter", "gauge", "histogram"):
+    if text not in KINDS:
         raise ValueError(f"Unknown metric type {metric_type!r}: counter, gauge or histogram.")
     return text
 
