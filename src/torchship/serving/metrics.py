@@ -222,6 +222,16 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # Before any "live" gauge: a worker becomes visible to a scrape (its live files)
+        # with a readiness of 0 already written, so a half-constructed worker never
+        # counts as ready while its torchship_workers is still missing.
+        self.server_ready = Gauge(
+            "torchship_ready",
+            "1 when the server is ready (every model loaded and warm, not draining); the "
+            "least ready live worker's value.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.queue_depth = Gauge(
             "torchship_queue_depth",
             "Items waiting for a batch (summed over live workers).",
@@ -241,6 +251,7 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.workers.set(1)
         self.load_seconds = Gauge(
             "torchship_model_load_seconds",
             "Load + warm-up time of a model version (the slowest worker's).",
@@ -255,18 +266,10 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livemin",
         )
-        self.server_ready = Gauge(
-            "torchship_ready",
-            "1 when the server is ready (every model loaded and warm, not draining); the "
-            "least ready live worker's value.",
-            registry=r,
-            multiprocess_mode="livemin",
-        )
         #: Metrics that model code defines (TorchServe handlers' ``context.metrics``).
         self.custom = CustomMetrics(r)
         #: Asked at every scrape, so the scraped worker's readiness is never stale.
         self.readiness: Callable[[], bool] | None = None
-        self.workers.set(1)
         # metric.labels(...) costs a few microseconds per call (validation, locking):
         # the labelled children are kept here, one lookup per recording.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
