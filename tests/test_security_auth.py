@@ -221,6 +221,30 @@ def test_open_paths_are_configurable_but_never_the_management_api(store_root: Pa
         service.stop()
 
 
+def test_pages_open_without_a_key_but_their_data_needs_one(client: Client) -> None:
+    """The status page and API docs load for a browser with no key (shells and assets
+    hold no data); what they then fetch is behind the key like any other call."""
+    html = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    for path in ("/", "/docs", "/redoc"):
+        r = client.call("get", path, headers=html)
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/html"), path
+    for asset in (
+        "status.js",
+        "apikey.js",
+        "docs.js",
+        "swagger-ui-bundle.js",
+        "redoc.standalone.js",
+    ):
+        assert client.call("get", f"/static/{asset}").status == 200, asset
+    assert client.call("get", "/static/nope.js").status == 404
+    for path in ("/", "/status", "/openapi.json"):  # data: JSON index, live status, API
+        r = client.call("get", path, headers={"Accept": "application/json"})
+        assert r.status == 401 and r.json["code"] == "unauthorized", path
+        assert client.call("get", path, headers={"X-API-Key": INFER_KEY}).status == 200, path
+    assert client.call("get", "/", headers={"Accept": "*/*"}).status == 401  # curl's index
+    assert client.call("get", "/manage/models", headers=html).status == 401
+
+
 def test_auth_off_without_keys(store_root: Path) -> None:
     service = InferenceService(settings(store_root)).start()
     try:

@@ -3,6 +3,7 @@ and the page itself driven in headless Chromium (system browser, no download).""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,16 +28,17 @@ def page_store(tmp_path_factory: pytest.TempPathFactory, quick_mlp: torch.nn.Mod
     return save_digits(tmp_path_factory.mktemp("page") / "models", quick_mlp, versions=2)
 
 
-@pytest.fixture(scope="module", params=FRAMEWORKS)
-def server(request: pytest.FixtureRequest, page_store: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def _serve(framework: str, page_store: Path, **kw: Any) -> Iterator[str]:
     settings = ServeSettings(
         store=page_store,
         models=["digits:1", "digits:2"],
         runtime="eager",
         max_batch_size=8,
         access_log=False,
+        **kw,
     )
-    if request.param == "fastapi":
+    if framework == "fastapi":
         from torchship.serving.fastapi_app import create_app
 
         app: Any = create_app(settings, load_in_background=False)
@@ -44,7 +46,13 @@ def server(request: pytest.FixtureRequest, page_store: Path) -> Iterator[str]:
         from torchship.serving.flask_app import create_app as create_flask
 
         app = create_flask(settings, load_in_background=False)
-    with serve_in_thread(app, request.param) as base:
+    with serve_in_thread(app, framework) as base:
+        yield base
+
+
+@pytest.fixture(scope="module", params=FRAMEWORKS)
+def server(request: pytest.FixtureRequest, page_store: Path) -> Iterator[str]:
+    with _serve(request.param, page_store) as base:
         policy = requests.put(
             f"{base}/manage/models/digits/policy",
             json={"kind": "split", "weights": {"1": 0.5, "2": 0.5}, "reason": "A/B"},
@@ -177,3 +185,111 @@ def test_page_shows_models_traffic_live_numbers_and_predicts(server: str, browse
     wait.until(lambda d: (text("#result-served") or [""])[0].startswith("digits:2 "))
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
+
+
+# --- API docs ------------------------------------------------------------------------------
+
+PAGE_KEY = "tsk_status_page_0123456789abcdef"
+
+
+def test_docs_pages_load_nothing_from_other_hosts(server: str) -> None:
+    """/docs and /redoc name only this server's assets (FastAPI's own pages load theirs
+    from a CDN: blank on a machine without internet)."""
+    for path, library in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        page = requests.get(f"{server}{path}", timeout=10)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert f'src="/static/{library}"' in page.text
+        assert "http://" not in page.text and "https://" not in page.text, path
+        asset = requests.get(f"{server}/static/{library}", timeout=10)
+        assert asset.status_code == 200 and "javascript" in asset.headers["content-type"]
+        assert "max-age" in asset.headers["cache-control"]
+
+
+def test_both_front_ends_describe_the_same_api(server: str) -> None:
+    spec = requests.get(f"{server}/openapi.json", timeout=30).json()
+    assert spec["openapi"].startswith("3.") and spec["info"]["title"] == "torchship"
+    for path in ("/predict", "/v2/models/{name}/infer", "/predictions/{name}", "/status"):
+        assert path in spec["paths"], path
+    assert not any(p.startswith(("/docs", "/redoc", "/static")) for p in spec["paths"])
+
+
+def _wait_docs(browser: Any, url: str) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get("about:blank")
+    browser.get_log("browser")
+    browser.get(url)
+    WebDriverWait(browser, 20).until(
+        lambda d: d.find_element("id", "docs").get_attribute("data-state") is not None
+    )
+
+
+def test_docs_render_offline_in_a_browser(server: str, browser: Any) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _wait_docs(browser, f"{server}/docs")
+    assert browser.find_element("id", "docs").get_attribute("data-state") == "loaded"
+    paths = WebDriverWait(browser, 10).until(
+        lambda d: (
+            d.execute_script(
+                "return [...document.querySelectorAll('.opblock-summary-path')]"
+                ".map(e => e.textContent.replace(/\\u200b/g, ''))"
+            )
+            or None
+        )
+    )
+    assert "/predict" in paths and "/v2/models/{name}/infer" in paths
+    _wait_docs(browser, f"{server}/redoc")
+    assert browser.find_element("id", "docs").get_attribute("data-state") == "loaded"
+    assert "/predict" in browser.find_element("id", "docs").text
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+
+
+@pytest.fixture(scope="module", params=FRAMEWORKS)
+def auth_server(request: pytest.FixtureRequest, page_store: Path) -> Iterator[str]:
+    with _serve(request.param, page_store, api_keys=[f"page:inference:{PAGE_KEY}"]) as base:
+        yield base
+
+
+def _enter_key(browser: Any, key: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    form = WebDriverWait(browser, 15).until(lambda d: d.find_element(By.ID, "key-form"))
+    assert "API key" in form.text
+    form.find_element(By.ID, "key-input").send_keys(key)
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+
+def test_pages_ask_for_the_key_when_auth_is_on(auth_server: str, browser: Any) -> None:
+    """With auth on, the status page and the docs ask for a key once (per tab), then
+    show their data and send the key on every call, "Try it out" included."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 20)
+    browser.get("about:blank")
+    browser.get(f"{auth_server}/?refresh=0.5")
+    wait.until(lambda d: d.find_element(By.ID, "ready").text == "API key needed")
+    _enter_key(browser, "tsk_wrong_key_0123456789abcdef")  # refused: asked again
+    wait.until(lambda d: d.find_element(By.ID, "key-form").is_displayed())
+    assert "not valid" in browser.find_element(By.ID, "key-message").text
+    _enter_key(browser, PAGE_KEY)
+    wait.until(lambda d: d.find_element(By.ID, "ready").text == "ready")
+    browser.find_element(By.ID, "upload").send_keys(str(SAMPLE))
+    wait.until(lambda d: d.find_element(By.ID, "result").get_attribute("data-state") == "done")
+    assert browser.find_element(By.ID, "result-label").text == "2"
+
+    # the docs in the same tab reuse the key: the spec loads, and Try it out sends it
+    _wait_docs(browser, f"{auth_server}/docs")
+    assert browser.find_element(By.ID, "docs").get_attribute("data-state") == "loaded"
+    status_op = wait.until(lambda d: d.find_element(By.ID, "operations-status-status_status_get"))
+    status_op.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait.until(lambda d: status_op.find_element(By.CSS_SELECTOR, ".try-out__btn")).click()
+    wait.until(lambda d: status_op.find_element(By.CSS_SELECTOR, ".execute")).click()
+    live = ".live-responses-table tr.response .response-col_status"
+    code = wait.until(lambda d: status_op.find_element(By.CSS_SELECTOR, live))
+    assert code.text.strip().startswith("200")
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert all("401" in e["message"] for e in errors), errors  # only the refused key

@@ -28,7 +28,7 @@ from torchship.errors import (
 )
 from torchship.monitoring.asgi import RequestMonitorMiddleware
 from torchship.monitoring.requests import RequestObserver
-from torchship.serving import mar_models, payloads, protocols, status_page
+from torchship.serving import docs_page, mar_models, payloads, protocols, status_page
 from torchship.serving.http import dumps, error_response, start_in_background, stop_loading
 from torchship.serving.management import Management
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
@@ -153,6 +153,9 @@ def create_app(
         description="torchship's REST API, the Open Inference Protocol (V2) and "
         "TorchServe's inference API, over one inference core.",
         lifespan=lifespan,
+        docs_url=None,  # ours below: FastAPI's load their scripts from a CDN
+        redoc_url=None,
+        openapi_url=docs_page.OPENAPI_PATH,
         telemetry=None
         if settings.opentelemetry
         else {"tracing": False, "metrics": False, "logs": False},
@@ -205,7 +208,16 @@ def create_app(
         found = status_page.asset(name)
         if found is None:
             raise RouteNotFoundError(f"No asset {name!r}.")
-        return Response(found[0], media_type=found[1])
+        return Response(
+            found[0],
+            media_type=found[1],
+            headers={"Cache-Control": status_page.ASSET_CACHE_CONTROL},
+        )
+
+    @app.get(docs_page.DOCS_PATH, include_in_schema=False)
+    @app.get(docs_page.REDOC_PATH, include_in_schema=False)
+    async def docs(request: Request) -> Response:
+        return Response(docs_page.page(request.url.path), media_type=status_page.HTML)
 
     @app.post(
         "/predict",

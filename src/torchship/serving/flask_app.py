@@ -18,7 +18,7 @@ from torchship.errors import (
 )
 from torchship.monitoring.requests import RequestObserver
 from torchship.monitoring.wsgi import gunicorn_logger_class, install_flask
-from torchship.serving import mar_models, payloads, protocols, status_page
+from torchship.serving import docs_page, mar_models, payloads, protocols, status_page
 from torchship.serving.http import dumps, error_response, port_refuses, start_in_background
 from torchship.serving.management import Management
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE, mark_worker_dead
@@ -46,7 +46,7 @@ def create_app(
     """Build the Flask app over ``service``; models start loading right away."""
     service = service or InferenceService(settings)
     settings = service.settings
-    app = Flask("torchship")
+    app = Flask("torchship", static_folder=None)  # /static/ is the pages' route below
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["torchship"] = service
     if load_in_background:
@@ -127,7 +127,24 @@ def create_app(
         found = status_page.asset(name)
         if found is None:
             raise RouteNotFoundError(f"No asset {name!r}.")
-        return Response(found[0], content_type=found[1])
+        return Response(
+            found[0],
+            content_type=found[1],
+            headers={"Cache-Control": status_page.ASSET_CACHE_CONTROL},
+        )
+
+    @app.get(docs_page.DOCS_PATH)
+    @app.get(docs_page.REDOC_PATH)
+    def docs() -> Response:
+        return Response(docs_page.page(request.path), content_type=status_page.HTML)
+
+    openapi: list[bytes] = []  # built at the first request: it imports the FastAPI app
+
+    @app.get(docs_page.OPENAPI_PATH)
+    def openapi_json() -> Response:
+        if not openapi:
+            openapi.append(dumps(docs_page.openapi_for(service)))
+        return Response(openapi[0], content_type="application/json")
 
     @app.post("/predict")
     def predict() -> Response:

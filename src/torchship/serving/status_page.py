@@ -15,6 +15,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from torchship import __version__
+from torchship.serving import docs_page
 
 if TYPE_CHECKING:
     from torchship.serving.service import InferenceService
@@ -27,7 +28,11 @@ HTML = "text/html; charset=utf-8"
 ASSETS = {
     "status.js": "text/javascript; charset=utf-8",
     "status.css": "text/css; charset=utf-8",
+    "apikey.js": "text/javascript; charset=utf-8",
+    "docs.js": "text/javascript; charset=utf-8",
 }
+# Assets change only with the package: browsers may keep them an hour.
+ASSET_CACHE_CONTROL = "public, max-age=3600"
 
 
 def wants_html(accept: str | None) -> bool:
@@ -53,9 +58,23 @@ def page() -> bytes:
 
 
 def asset(name: str) -> tuple[bytes, str] | None:
-    """(content, content type) of a page asset, or None for any other name."""
+    """(content, content type) of a page asset (ours or the docs' libraries), or None
+    for any other name."""
     kind = ASSETS.get(name)
-    return (_read(name), kind) if kind else None
+    return (_read(name), kind) if kind else docs_page.vendor_asset(name)
+
+
+def is_page_shell(path: str, accept: str | None) -> bool:
+    """A request for one of the HTML pages (status, docs) or their assets.
+
+    These hold no data, so they stay open while auth is on: the calls the pages then
+    make (``/status``, ``/openapi.json``, ``/predict``) carry the key the page asks for.
+    """
+    return (
+        path.startswith(STATIC_PREFIX)
+        or path in docs_page.PAGES
+        or (path == "/" and wants_html(accept))
+    )
 
 
 def index(service: InferenceService) -> dict[str, Any]:

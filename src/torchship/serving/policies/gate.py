@@ -11,7 +11,8 @@ peer's address), then:
 3. :meth:`Gate.response_headers` — security headers, CORS, ``X-Cache``, and
    ``Connection: close`` while draining so keep-alive clients move to other replicas.
 
-Open paths (health, metrics by default) need no key and are not rate limited; the
+Open paths (health, metrics by default) need no key and are not rate limited; nor do
+the HTML pages' shells and assets (status page, API docs: no data in them). The
 management API is never open while auth is on.
 """
 
@@ -29,6 +30,7 @@ from torchship.serving.policies.auth import KeyStore
 from torchship.serving.policies.headers import CorsPolicy, security_headers
 from torchship.serving.policies.ratelimit import Buckets, Limit, MemoryBuckets, RateLimiter
 from torchship.serving.settings import DEFAULT_OPEN_PATHS
+from torchship.serving.status_page import is_page_shell
 
 if TYPE_CHECKING:
     from torchship.serving.settings import ServeSettings
@@ -134,7 +136,7 @@ class Gate:
         """Let the request in, or raise 401 / 403 / 429."""
         scope = self.scope_of(info.path)
         ip = self.client_ip(info)
-        if self.is_open(info.path):
+        if self.is_open(info.path) or is_page_shell(info.path, info.headers.get("accept")):
             return Admission(scope, ip=ip)
         key = None
         if self.keys is not None:

@@ -175,9 +175,22 @@ function updateModelSelect(status) {
   if (options.some(([n, v]) => `${n}|${v}` === chosen)) select.value = chosen;
 }
 
+let waitingForKey = false;
+
 async function poll() {
   try {
-    const r = await fetch("/status", { headers: { Accept: "application/json" } });
+    const r = await fetch("/status", { headers: torchshipKey.headers({ Accept: "application/json" }) });
+    if (torchshipKey.refused(r.status)) {
+      // auth is on: ask for a key, poll again once one is entered
+      $("ready").textContent = "API key needed";
+      $("ready").className = "badge bad";
+      waitingForKey = true;
+      torchshipKey.ask(r.status, await r.json().catch(() => null), () => {
+        waitingForKey = false;
+        poll();
+      });
+      return;
+    }
     const status = await r.json();
     const badge = $("ready");
     badge.textContent = status.ready ? "ready" : status.draining ? "draining" : "not ready";
@@ -192,7 +205,7 @@ async function poll() {
     $("ready").textContent = "unreachable";
     $("ready").className = "badge bad";
   } finally {
-    setTimeout(poll, POLL_MS);
+    if (!waitingForKey) setTimeout(poll, POLL_MS);
   }
 }
 
@@ -256,8 +269,9 @@ async function predict(blob, filename) {
   const result = $("result");
   result.setAttribute("data-state", "pending");
   try {
-    const r = await fetch(predictUrl(), { method: "POST", body: form });
+    const r = await fetch(predictUrl(), { method: "POST", body: form, headers: torchshipKey.headers() });
     const body = await r.json();
+    if (torchshipKey.refused(r.status)) torchshipKey.ask(r.status, body, () => predict(blob, filename));
     if (!r.ok) {
       result.replaceChildren(el("div", { class: "error", id: "result-error" }, `${r.status} ${body.code}: ${body.error}`),
         body.hint ? el("div", { class: "muted" }, body.hint) : "");
