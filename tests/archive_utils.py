@@ -8,6 +8,7 @@ import json
 import stat
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -60,8 +61,16 @@ def digits_store(root: Path, model: torch.nn.Module, data: digits.DigitsData) ->
     return store
 
 
-def model_archiver(store: ModelStore, out: Path, name: str, version: str, handler: Path) -> Path:
-    """An archive built by TorchServe's own torch-model-archiver (TorchScript + handler)."""
+def model_archiver(
+    store: ModelStore,
+    out: Path,
+    name: str,
+    version: str,
+    handler: Path,
+    archive_format: str = "default",
+) -> Path:
+    """An archive built by TorchServe's own torch-model-archiver (TorchScript + handler),
+    in one of its formats: default (.mar), tgz (.tar.gz) or no-archive (a folder)."""
     manifest = store.manifest("digits")
     ts_file = store.path("digits", manifest.version) / manifest.artifacts["torchscript"].file
     work = out / f".{name}-files"
@@ -88,12 +97,34 @@ def model_archiver(store: ModelStore, out: Path, name: str, version: str, handle
             f"{labels},{spec}",
             "--export-path",
             str(out),
+            "--archive-format",
+            archive_format,
             "--force",
         ],
         check=True,
         capture_output=True,
     )
-    return out / f"{name}.mar"
+    suffix = {"default": ".mar", "tgz": ".tar.gz", "no-archive": ""}[archive_format]
+    return out / f"{name}{suffix}"
+
+
+def write_tgz(path: Path, entries: list[tuple[tarfile.TarInfo | str, bytes]]) -> Path:
+    """A .tar.gz of ``(name or TarInfo, content)`` entries, as written (no checks)."""
+    with tarfile.open(path, "w:gz") as tf:
+        for entry, content in entries:
+            info = entry if isinstance(entry, tarfile.TarInfo) else tarfile.TarInfo(entry)
+            if info.isreg():
+                info.size = len(content)
+            tf.addfile(info, io.BytesIO(content) if info.isreg() else None)
+    return path
+
+
+def tar_entry(name: str, kind: bytes, target: str = "") -> tuple[tarfile.TarInfo, bytes]:
+    """A non-file tar entry: tarfile.SYMTYPE, LNKTYPE, FIFOTYPE, ..."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info, b""
 
 
 def write_zip(path: Path, entries: list[tuple[zipfile.ZipInfo | str, bytes]]) -> Path:

@@ -7,6 +7,7 @@ FastAPI and Flask apps in-process, and one real server on loopback sockets.
 from __future__ import annotations
 
 import json
+import tarfile
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ from archive_utils import (
     model_archiver,
     png_of_digit,
     symlink_entry,
+    tar_entry,
+    write_tgz,
     write_zip,
 )
 from fastapi.testclient import TestClient
@@ -40,6 +43,7 @@ from torchship.archive import (
     extract_archive,
     inspect_archive,
 )
+from torchship.archive.sources import find_archives
 from torchship.serving.fastapi_app import create_app
 from torchship.serving.settings import ServeSettings
 from torchship.store import ModelStore
@@ -212,6 +216,109 @@ def test_limits_manifest_and_references_are_checked(tmp_path: Path) -> None:
     (tmp_path / "text.mar").write_text("not a zip")
     with pytest.raises(ArchiveError, match="not a readable zip"):
         inspect_archive(tmp_path / "text.mar")
+
+
+TGZ_HOSTILE = {
+    "tar-slip": ([("../escaped.py", b"x")], UnsafeArchiveError, "outside the archive"),
+    "absolute": ([("/tmp/abs.py", b"x")], UnsafeArchiveError, "absolute path"),
+    "symlink": (
+        [tar_entry("m/handler.py", tarfile.SYMTYPE, "/etc/passwd")],
+        UnsafeArchiveError,
+        "symbolic link",
+    ),
+    "hardlink": (
+        [tar_entry("m/handler.py", tarfile.LNKTYPE, "/etc/passwd")],
+        UnsafeArchiveError,
+        "hard link",
+    ),
+    "fifo": ([tar_entry("m/pipe", tarfile.FIFOTYPE)], UnsafeArchiveError, "not a regular file"),
+    "bomb": ([("m/model.pt", bytes(8 << 20))], ArchiveTooLargeError, "decompression bomb"),
+    "duplicate": ([("m/a.txt", b"1"), ("m/a.txt", b"2")], UnsafeArchiveError, "twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TGZ_HOSTILE))
+def test_hostile_tgz_archives_are_refused_and_leave_nothing(case: str, tmp_path: Path) -> None:
+    entries, error, message = TGZ_HOSTILE[case]
+    manifest = (f"m/{MANIFEST_PATH}", manifest_bytes())
+    path = write_tgz(tmp_path / f"{case}.tar.gz", [*entries, manifest])
+    with pytest.raises(error, match=message) as info:
+        extract_archive(path, tmp_path / "out")
+    assert 400 <= info.value.status_code < 500
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # nothing written
+    assert not (tmp_path.parent / "escaped.py").exists()
+
+
+def test_tgz_and_folder_layouts_and_limits(tmp_path: Path) -> None:
+    # torch-model-archiver's tgz keeps everything under MODEL_NAME/: read as the top level
+    good = write_tgz(
+        tmp_path / "m.tar.gz",
+        [
+            ("m/handler.py", b"# handler"),
+            ("m/sub/extra.txt", b"x"),
+            (f"m/{MANIFEST_PATH}", manifest_bytes()),
+        ],
+    )
+    info = extract_archive(good, tmp_path / "out")
+    assert info.format == "tgz" and info.files == {"handler.py", "sub/extra.txt", MANIFEST_PATH}
+    assert (tmp_path / "out" / "sub" / "extra.txt").read_bytes() == b"x"
+    with pytest.raises(ArchiveTooLargeError, match="unpacks to more than"):
+        inspect_archive(good, ArchiveLimits(max_total_bytes=10))
+    with pytest.raises(ArchiveTooLargeError, match="entries"):
+        inspect_archive(good, ArchiveLimits(max_entries=2))
+    # a folder (no-archive): read in place, links refused, hashed by names and contents
+    folder = tmp_path / "out"
+    info = inspect_archive(folder)
+    assert info.format == "folder" and info.files == {"handler.py", "sub/extra.txt", MANIFEST_PATH}
+    assert info.sha256 == inspect_archive(folder).sha256
+    (folder / "sub" / "extra.txt").write_bytes(b"y")
+    assert inspect_archive(folder).sha256 != info.sha256
+    (folder / "sub" / "passwd").symlink_to("/etc/passwd")
+    with pytest.raises(UnsafeArchiveError, match="symbolic link"):
+        extract_archive(folder, tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    (tmp_path / "not.tar.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+    with pytest.raises(ArchiveError, match="not a readable .tar.gz|corrupt"):
+        inspect_archive(tmp_path / "not.tar.gz")
+
+
+def test_tgz_and_no_archive_formats_serve_like_the_mar(
+    workspace: tuple[ModelStore, Path], tmp_path: Path
+) -> None:
+    """The three formats torch-model-archiver writes, served from one model store:
+    same answers, and the management API registers them too."""
+    store, _ = workspace
+    formats = tmp_path / "model_store"
+    for fmt in ("default", "tgz", "no-archive"):
+        model_archiver(
+            store, formats, f"img_{fmt.replace('-', '_')}", "1.0", HANDLERS / "digits_image.py", fmt
+        )
+    found = find_archives(formats)
+    assert found == ["img_default.mar", "img_no_archive", "img_tgz.tar.gz"]
+    settings = ServeSettings(
+        store=store.root,
+        models=["img_default.mar", "img_tgz.tar.gz", "img_no_archive=img_no_archive"],
+        model_store=formats,
+        management_port=MGMT,
+        warmup=False,
+    )
+    png = DIGIT_PNG.read_bytes()
+    with TestClient(create_app(settings, load_in_background=False)) as c:
+        admin = TestClient(c.app, base_url=f"http://testserver:{MGMT}")
+        answers = []
+        for name in ("img_default", "img_tgz", "img_no_archive"):
+            r = c.post(f"/predictions/{name}", content=png, headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+            answers.append(r.json())
+        assert answers[0] == answers[1] == answers[2] and max(answers[0], key=answers[0].get) == "7"
+        # registered at run time under other names: a .tar.gz and a folder
+        for url, name in (("img_tgz.tar.gz", "t2"), ("img_no_archive", "d2")):
+            r = admin.post(f"/models?url={url}&model_name={name}&initial_workers=1")
+            assert r.status_code == 200, r.text
+            r = c.post(f"/predictions/{name}", content=png, headers={"content-type": "image/png"})
+            assert r.json() == answers[0]
+        r = admin.post("/models?url=../img_no_archive&model_name=x")
+        assert r.status_code == 404
 
 
 # --- native serving: TorchServe's inference API -----------------------------------------------

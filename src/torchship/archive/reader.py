@@ -1,15 +1,20 @@
-"""Open, check and unpack ``.mar`` archives without trusting anything inside them.
+"""Open, check and unpack model archives without trusting anything inside them.
 
-A model archive is a zip a stranger may have built, so before a byte is written:
+A model archive (a zip ``.mar``, a ``.tar.gz`` or a folder: see
+:mod:`torchship.archive.sources`) is something a stranger may have built, so before a
+byte is written:
 
 * every entry name must stay inside the extraction folder: no absolute paths, drive
-  letters, backslashes, ``..`` segments or NUL bytes (zip-slip);
-* only regular files and folders: symlinks and device files are refused (their mode
-  sits in the entry's ``external_attr``);
+  letters, backslashes, ``..`` segments or NUL bytes (zip-slip, tar-slip);
+* only regular files and folders: symlinks, hard links and device files are refused;
 * no encrypted entries and no name twice;
-* bounded: at most ``max_entries`` entries and ``max_total_bytes`` unpacked, and no
-  entry over ``max_ratio`` times its compressed size (decompression bombs). The sizes
-  a zip declares can lie, so extraction also counts the bytes it really writes.
+* bounded: at most ``max_entries`` entries and ``max_total_bytes`` unpacked, and no zip
+  entry (or whole ``.tar.gz``) over ``max_ratio`` times its compressed size
+  (decompression bombs). Declared sizes can lie, so extraction also counts the bytes it
+  really writes.
+
+A ``.tar.gz`` from ``torch-model-archiver --archive-format tgz`` keeps its files under
+one ``MODEL_NAME/`` folder; that folder is read as the archive's top level.
 
 Extraction goes to a temp folder beside the target and is renamed into place, so a
 refused archive leaves nothing behind.
@@ -21,7 +26,7 @@ import hashlib
 import os
 import re
 import shutil
-import stat
+import tarfile
 import uuid
 import zipfile
 import zlib
@@ -30,27 +35,26 @@ from pathlib import Path, PurePosixPath
 
 from torchship.archive.errors import ArchiveError, ArchiveTooLargeError, UnsafeArchiveError
 from torchship.archive.manifest import MANIFEST_PATH, MarManifest
+from torchship.archive.sources import ArchiveLimits, Format, Member, Source, open_source
+
+__all__ = [
+    "ArchiveEntry",
+    "ArchiveLimits",
+    "MarInfo",
+    "extract_archive",
+    "inspect_archive",
+    "safe_entry_name",
+]
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
-class ArchiveLimits:
-    """What an archive may hold; raise them for very large models."""
-
-    max_entries: int = 10_000
-    max_total_bytes: int = 8 << 30  # 8 GiB unpacked
-    max_ratio: float = 200.0  # unpacked / compressed, per entry ...
-    ratio_floor_bytes: int = 1 << 20  # ... for entries that unpack to more than 1 MiB
-    max_manifest_bytes: int = 1 << 20
-
-
-@dataclass(frozen=True)
 class ArchiveEntry:
-    name: str
+    name: str  # relative to the archive's top level
     size: int
-    compressed_size: int
+    compressed_size: int | None  # zip entries only
     is_dir: bool
 
 
@@ -62,6 +66,7 @@ class MarInfo:
     manifest: MarManifest
     entries: tuple[ArchiveEntry, ...]
     sha256: str
+    format: Format = "zip"
 
     @property
     def files(self) -> set[str]:
@@ -72,14 +77,17 @@ class MarInfo:
         return sum(e.size for e in self.entries)
 
 
+Checked = list[tuple[Member, ArchiveEntry]]
+
+
 def inspect_archive(path: str | Path, limits: ArchiveLimits | None = None) -> MarInfo:
     """Check every entry of ``path`` and read its manifest; unpacks nothing."""
     path = Path(path)
     limits = limits or ArchiveLimits()
-    with _open_zip(path) as zf:
-        entries = _check_entries(zf, path, limits)
-        manifest = _read_manifest(zf, path, limits)
-    info = MarInfo(path, manifest, entries, _sha256(path))
+    with open_source(path) as src:
+        checked = _check_entries(src, limits)
+        manifest = _read_manifest(src, checked, limits)
+    info = MarInfo(path, manifest, tuple(e for _, e in checked), _sha256(path), src.format)
     _check_references(info)
     return info
 
@@ -96,14 +104,15 @@ def extract_archive(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with _open_zip(path) as zf:
-            entries = _check_entries(zf, path, limits)
-            manifest = _read_manifest(zf, path, limits)
+        with open_source(path) as src:
+            checked = _check_entries(src, limits)
+            manifest = _read_manifest(src, checked, limits)
             tmp.mkdir()
             written = 0
-            for member, entry in zip(zf.infolist(), entries, strict=True):
-                written += _extract_one(zf, member, entry, tmp, path, limits, written)
-        info = MarInfo(path, manifest, entries, _sha256(path))
+            for member, entry in checked:
+                written += _extract_one(src, member, entry, tmp, path, limits, written)
+        entries = tuple(e for _, e in checked)
+        info = MarInfo(path, manifest, entries, _sha256(path), src.format)
         _check_references(info)
         tmp.rename(dest)
     finally:
@@ -113,19 +122,6 @@ def extract_archive(
 
 
 # --- checks -----------------------------------------------------------------------------
-
-
-def _open_zip(path: Path) -> zipfile.ZipFile:
-    if not path.is_file():
-        raise ArchiveError(f"{path} does not exist or is not a file.")
-    try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ArchiveError(
-            f"{path.name} is not a model archive (not a readable zip file: {exc}).",
-            hint="torchship reads .mar files in TorchServe's default (zip) format; "
-            "re-create it with torch-model-archiver --archive-format default.",
-        ) from exc
 
 
 def safe_entry_name(raw: str, source: str) -> str:
@@ -151,67 +147,75 @@ def safe_entry_name(raw: str, source: str) -> str:
     return "/".join(parts)
 
 
-def _check_entries(
-    zf: zipfile.ZipFile, path: Path, limits: ArchiveLimits
-) -> tuple[ArchiveEntry, ...]:
-    members = zf.infolist()
-    if len(members) > limits.max_entries:
-        raise ArchiveTooLargeError(
-            f"{path.name} holds {len(members)} entries; at most {limits.max_entries} are accepted."
-        )
-    seen: set[str] = set()
-    total = 0
-    entries = []
+def _check_entries(src: Source, limits: ArchiveLimits) -> Checked:
+    name = src.path.name
+    members = src.members(limits)
+    raw_names = []
     for m in members:
-        name = safe_entry_name(m.filename, path.name)
-        mode = m.external_attr >> 16
-        kind = stat.S_IFMT(mode)
-        if kind == stat.S_IFLNK:
+        raw_names.append(safe_entry_name(m.raw_name, name))
+        if m.kind in ("symbolic link", "hard link"):
             raise UnsafeArchiveError(
-                f"{path.name} was refused: entry {m.filename!r} is a symbolic link.",
+                f"{name} was refused: entry {m.raw_name!r} is a {m.kind}.",
                 hint="Put the file itself into the archive, not a link to it.",
             )
-        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        if m.kind == "other":
             raise UnsafeArchiveError(
-                f"{path.name} was refused: entry {m.filename!r} is not a regular file "
-                f"(mode {oct(mode)})."
+                f"{name} was refused: entry {m.raw_name!r} is not a regular file "
+                f"(mode {oct(m.mode)})."
             )
-        if m.flag_bits & 0x1:
-            raise UnsafeArchiveError(f"{path.name} was refused: entry {m.filename!r} is encrypted.")
-        if name in seen:
-            raise UnsafeArchiveError(f"{path.name} was refused: {name!r} appears twice.")
-        seen.add(name)
-        is_dir = m.is_dir() or kind == stat.S_IFDIR
-        if not is_dir:
-            total += m.file_size
-            if total > limits.max_total_bytes:
+        if m.encrypted:
+            raise UnsafeArchiveError(f"{name} was refused: entry {m.raw_name!r} is encrypted.")
+    names = _top_level(raw_names)
+    seen: set[str] = set()
+    checked: Checked = []
+    for m, entry_name in zip(members, names, strict=True):
+        if entry_name is None:
+            continue  # the folder a .tar.gz keeps everything in
+        if entry_name in seen:
+            raise UnsafeArchiveError(f"{name} was refused: {entry_name!r} appears twice.")
+        seen.add(entry_name)
+        is_dir = m.kind == "dir"
+        if not is_dir and m.compressed_size is not None:
+            ratio = m.size / max(1, m.compressed_size)
+            if m.size > limits.ratio_floor_bytes and ratio > limits.max_ratio:
                 raise ArchiveTooLargeError(
-                    f"{path.name} unpacks to more than {limits.max_total_bytes} bytes.",
-                    hint="Raise the archive size limit if the model really is that big.",
+                    f"{name} was refused: {entry_name!r} unpacks to {ratio:.0f}x its "
+                    f"compressed size (a decompression bomb?); at most "
+                    f"{limits.max_ratio:g}x is accepted."
                 )
-            ratio = m.file_size / max(1, m.compress_size)
-            if m.file_size > limits.ratio_floor_bytes and ratio > limits.max_ratio:
-                raise ArchiveTooLargeError(
-                    f"{path.name} was refused: {name!r} unpacks to {ratio:.0f}x its compressed "
-                    f"size (a decompression bomb?); at most {limits.max_ratio:g}x is accepted."
-                )
-        entries.append(ArchiveEntry(name, m.file_size, m.compress_size, is_dir))
-    return tuple(entries)
+        size = 0 if is_dir else m.size
+        checked.append((m, ArchiveEntry(entry_name, size, m.compressed_size, is_dir)))
+    return checked
 
 
-def _read_manifest(zf: zipfile.ZipFile, path: Path, limits: ArchiveLimits) -> MarManifest:
-    try:
-        member = zf.getinfo(MANIFEST_PATH)
-    except KeyError:
+def _top_level(names: list[str]) -> list[str | None]:
+    """Names relative to the archive's top level: where the manifest is not at the root
+    but in one folder holding everything (TorchServe's tgz layout), inside that folder.
+    The folder's own entry becomes None."""
+    if MANIFEST_PATH in names:
+        return list(names)
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) != 1:
+        return list(names)
+    (top,) = tops
+    if f"{top}/{MANIFEST_PATH}" not in names:
+        return list(names)
+    return [None if n == top else n[len(top) + 1 :] for n in names]
+
+
+def _read_manifest(src: Source, checked: Checked, limits: ArchiveLimits) -> MarManifest:
+    found = [m for m, e in checked if e.name == MANIFEST_PATH and not e.is_dir]
+    if not found:
         raise ArchiveError(
-            f"{path.name} has no {MANIFEST_PATH}: it is not a TorchServe model archive.",
+            f"{src.path.name} has no {MANIFEST_PATH}: it is not a TorchServe model archive.",
             hint="Build it with torchship archive or torch-model-archiver.",
-        ) from None
-    if member.file_size > limits.max_manifest_bytes:
-        raise ArchiveTooLargeError(f"{path.name}: {MANIFEST_PATH} is implausibly large.")
-    with zf.open(member) as fh:
+        )
+    (member,) = found
+    if member.size > limits.max_manifest_bytes:
+        raise ArchiveTooLargeError(f"{src.path.name}: {MANIFEST_PATH} is implausibly large.")
+    with src.open(member) as fh:
         raw = fh.read(limits.max_manifest_bytes + 1)
-    return MarManifest.parse(raw, path.name)
+    return MarManifest.parse(raw, src.path.name)
 
 
 def _check_references(info: MarInfo) -> None:
@@ -232,8 +236,8 @@ def _check_references(info: MarInfo) -> None:
 
 
 def _extract_one(
-    zf: zipfile.ZipFile,
-    member: zipfile.ZipInfo,
+    src: Source,
+    member: Member,
     entry: ArchiveEntry,
     root: Path,
     path: Path,
@@ -250,8 +254,8 @@ def _extract_one(
     target.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     try:
-        with zf.open(member) as src, open(target, "xb") as out:
-            while block := src.read(_CHUNK):
+        with src.open(member) as fh, open(target, "xb") as out:
+            while block := fh.read(_CHUNK):
                 written += len(block)
                 if written > entry.size or written_before + written > limits.max_total_bytes:
                     raise ArchiveTooLargeError(
@@ -259,15 +263,20 @@ def _extract_one(
                         f"{entry.size} bytes its header declares."
                     )
                 out.write(block)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, NotImplementedError) as exc:
         raise ArchiveError(f"{path.name}: {entry.name!r} is corrupt ({exc}).") from exc
     os.chmod(target, 0o644)
     return written
 
 
 def _sha256(path: Path) -> str:
+    """The file's SHA-256; for a folder, over its files' names and contents in order."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if file != path:
+            digest.update(file.relative_to(path).as_posix().encode() + b"\x00")
+        with file.open("rb") as fh:
+            while block := fh.read(_CHUNK):
+                digest.update(block)
     return digest.hexdigest()

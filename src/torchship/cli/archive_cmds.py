@@ -55,11 +55,13 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if args.inspect:
         info = inspect_archive(args.inspect)
         console.print(info.manifest.to_json())
-        table = Table(title=f"{Path(args.inspect).name} (sha256 {info.sha256[:16]}...)")
+        title = f"{Path(args.inspect).name} ({info.format}, sha256 {info.sha256[:16]}...)"
+        table = Table(title=title)
         for col in ("entry", "bytes", "packed"):
             table.add_column(col)
         for e in info.entries:
-            table.add_row(e.name, str(e.size), str(e.compressed_size))
+            packed = "-" if e.compressed_size is None else str(e.compressed_size)
+            table.add_row(e.name, str(e.size), packed)
         console.print(table)
         return 0
     if not args.model:

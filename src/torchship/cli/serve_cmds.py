@@ -37,7 +37,8 @@ def register(sub: SubParsers) -> None:
         dest="archive_specs",
         metavar="NAME=FILE.mar",
         help="TorchServe archives to serve, as torchserve --models takes them: NAME=FILE.mar, "
-        "FILE.mar or 'all' (every .mar in the model store); together with --model if given",
+        "FILE.mar, FILE.tar.gz (tgz format), NAME=FOLDER (no-archive format) or 'all' (every "
+        "archive in the model store); together with --model if given",
     )
     p.add_argument(
         "--allow-url-registration",
@@ -146,17 +147,20 @@ def _archive_specs(args: argparse.Namespace) -> list[str]:
     """``--models`` as TorchServe reads it; ``all`` is every archive in the model store."""
     from pathlib import Path
 
+    from torchship.archive.sources import find_archives, is_archive_name
+
     specs: list[str] = []
     for spec in args.archive_specs:
         if spec.lower() == "all":
             if not args.model_store:
                 raise ConfigError("--models all needs --model-store.")
-            specs += sorted(p.name for p in Path(args.model_store).glob("*.mar"))
-        elif "=" in spec or spec.endswith(".mar"):
+            specs += find_archives(Path(args.model_store))
+        elif "=" in spec or is_archive_name(spec):
             specs.append(spec)
         else:
             raise ConfigError(
-                f"--models {spec!r} must be NAME=FILE.mar, FILE.mar or all.",
+                f"--models {spec!r} must be NAME=FILE.mar, FILE.mar (or .tar.gz), "
+                "NAME=FOLDER (no-archive) or all.",
                 hint="Store models are served with --model NAME[:VERSION].",
             )
     return specs

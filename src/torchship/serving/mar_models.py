@@ -398,15 +398,15 @@ def _tensor_path_error(name: str) -> InvalidInputError:
 
 
 def resolve_archive_path(file: str, model_store: Path | None) -> Path:
-    """A spec's ``.mar`` path: relative ones live in the model store (or the working
-    folder when none is set)."""
+    """A spec's archive path (a ``.mar``, ``.tar.gz`` or ``no-archive`` folder): relative
+    ones live in the model store (or the working folder when none is set)."""
     path = Path(file).expanduser()
     if not path.is_absolute() and model_store is not None:
         path = model_store / path
-    if not path.is_file():
+    if not path.exists():
         raise ModelNotFoundError(
             f"Model archive {path} does not exist.",
-            hint="Relative .mar paths are looked up in the model store (--model-store).",
+            hint="Relative archive paths are looked up in the model store (--model-store).",
         )
     return path
 

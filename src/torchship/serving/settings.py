@@ -315,9 +315,11 @@ class ServeSettings(Settings):
 
 
 def archive_spec(spec: str) -> tuple[str | None, str] | None:
-    """``(name or None, file)`` for a TorchServe archive spec (``NAME=FILE.mar``,
-    ``FILE.mar``, ``NAME=path/to/FILE.mar``), None for a store reference."""
+    """``(name or None, path)`` for a TorchServe archive spec (``NAME=FILE.mar``,
+    ``FILE.mar``, ``FILE.tar.gz``, ``NAME=path/to/FOLDER``), None for a store reference."""
+    from torchship.archive.sources import is_archive_name
+
     name, sep, file = spec.partition("=")
     if sep:
         return name.strip() or None, file.strip()
-    return (None, spec) if spec.endswith(".mar") else None
+    return (None, spec) if is_archive_name(spec) else None

@@ -3,8 +3,8 @@
 The shapes and status codes are TorchServe 0.12's (``GET /models`` with pagination,
 describe, register, scale workers, set-default, unregister), so TorchServe's clients
 and scripts work against torchship. It serves store models and archives alike;
-registering loads ``.mar`` files only, from the model store (a URL only when
-``allow_url_registration`` is on). Errors use torchship's one JSON error shape.
+registering loads archives (``.mar``, ``.tar.gz``, ``no-archive`` folders) from the
+model store only (a URL only when ``allow_url_registration`` is on). Errors use torchship's one JSON error shape.
 
 It lives with the rest of the management API: under ``/manage/torchserve`` on any
 server, and at TorchServe's own paths (``/models...``) on the management port, where
@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from torchship.archive.sources import is_archive_name
 from torchship.errors import (
     ConflictError,
     ForbiddenError,
@@ -326,10 +327,11 @@ class TorchServeManagement:
             resolved = candidate.resolve(strict=True)
         except OSError:
             raise ModelNotFoundError(f"Model not found at: {url}") from None
-        if resolved.parent != store.resolve() or not resolved.is_file():
+        if resolved.parent != store.resolve() or not (resolved.is_file() or resolved.is_dir()):
             raise ModelNotFoundError(
                 f"Model not found at: {url}",
-                hint="Archives register from the model store folder itself, not elsewhere.",
+                hint="Archives (.mar, .tar.gz, no-archive folders) register from the model "
+                "store folder itself, not elsewhere.",
             )
         return resolved, path.name
 
@@ -347,8 +349,8 @@ class TorchServeManagement:
             validate_name(filename, "archive file name")
         except TorchshipError:
             raise InvalidInputError(f"The URL {url} does not end in a usable .mar name.") from None
-        if not filename.endswith(".mar"):
-            raise InvalidInputError(f"The URL {url} does not name a .mar file.")
+        if not is_archive_name(filename):
+            raise InvalidInputError(f"The URL {url} does not name a .mar or .tar.gz file.")
         target = store / filename
         if target.exists():
             raise ConflictError(
