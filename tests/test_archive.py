@@ -879,3 +879,68 @@ def test_handler_metrics_keep_one_shape_per_name_and_drop_what_would_break_it() 
     assert [k for k in samples if k[0] == "torchship_handler_g"] == [
         ("torchship_handler_g", tuple(sorted(m.items())))
     ]
+
+
+SHAPE_WORKER = """
+import logging, os, sys
+from pathlib import Path
+from prometheus_client import CollectorRegistry
+from torchship.serving.custom_metrics import CustomMetrics
+
+logging.basicConfig(level=logging.WARNING)
+custom = CustomMetrics(CollectorRegistry(), Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+for spec in sys.argv[1:]:
+    kind, name, dims = spec.split(":")
+    labels = {"model": "m", "version": "1", **{d: "x" for d in dims.split(",") if d}}
+    custom.record(kind, name, "", labels, 5.0)
+"""
+
+
+def test_worker_processes_keep_one_shape_per_handler_metric(tmp_path: Path) -> None:
+    """Two worker processes whose handlers disagree on a metric: the first shape wins in
+    both, so the merged scrape holds each name once (two types under one name would make
+    Prometheus refuse the scrape)."""
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from torchship.serving.metrics import prepare_multiprocess_dir
+
+    folder = tmp_path / "metrics"
+    prepare_multiprocess_dir(folder)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+
+    def worker(*specs: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", SHAPE_WORKER, *specs],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert worker("gauge:load:", "counter:hits:route") == ""
+    warned = worker("counter:load:", "counter:hits:path", "counter:hits2:")
+    assert "another worker process made it a gauge" in warned
+    assert "with labels ['model', 'route', 'version']" in warned
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(folder))
+    families = {
+        f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())
+    }
+    assert families["torchship_handler_load"].type == "gauge"
+    assert [s.value for s in families["torchship_handler_load"].samples] == [5.0]
+    assert "torchship_handler_load_total" not in {
+        s.name for f in families.values() for s in f.samples
+    }
+    (hits,) = families["torchship_handler_hits"].samples
+    assert hits.labels == {"model": "m", "version": "1", "route": "x"} and hits.value == 5.0
+    assert families["torchship_handler_hits2"].samples[0].value == 5.0
+    prepare_multiprocess_dir(folder)  # a new server: shapes are free again
+    assert worker("counter:load:") == ""

@@ -7,18 +7,24 @@ call with another type or other dimensions, a counter step that is negative, NaN
 infinite, or a name that clashes with another family's series is logged once and
 dropped, never raised into the request. Families are capped per model and series per
 family, so a handler that puts request ids into dimension values cannot grow the scrape
-without bound. A name keeps its first type and labels for the life of the process
-(Prometheus has one family per name; across worker processes each checks its own).
+without bound. A name keeps its first type and labels for the life of the server
+(Prometheus has one family per name): with several worker processes, the first to
+create a family records its shape in the shared metrics folder (:data:`SHAPES_DIR`),
+and the others refuse a different one, so a merged scrape never holds one name twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import re
 import threading
+import uuid
 from collections import Counter as Tally
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -32,6 +38,9 @@ MAX_FAMILIES = 64
 """Per model: the families its handler may create."""
 MAX_SERIES = 256
 """Per family: label sets (an id in a dimension value would otherwise grow forever)."""
+SHAPES_DIR = "handler-metrics"
+"""In the multiprocess metrics folder: one ``<family>.json`` per handler metric, written
+once by the worker that created it first."""
 _RESERVED = {"le", "quantile", "pid"}
 _BUCKETS: dict[str, tuple[float, ...]] = {
     "ms": (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000),
@@ -53,8 +62,9 @@ class _Family:
 class CustomMetrics:
     """Families created on demand in ``registry``; :meth:`record` is thread-safe."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, shared_dir: Path | None = None) -> None:
         self.registry = registry
+        self.shapes = shared_dir / SHAPES_DIR if shared_dir is not None else None
         self._families: dict[str, _Family] = {}
         self._refused: set[str] = set()
         self._per_model: Tally[str] = Tally()
@@ -128,8 +138,13 @@ class CustomMetrics:
         if self._per_model[model] >= MAX_FAMILIES:
             self._warn(full, f"model {model!r} has {MAX_FAMILIES} handler metrics; dropped")
             return None
-        doc = f"Handler metric {name!r}" + (f" ({unit})" if unit else "") + "."
         labelnames = tuple(labels)
+        conflict = self._claim(full, kind, name, labelnames)
+        if conflict is not None:
+            self._refused.add(full)
+            self._warn(full, f"{conflict}; dropped")
+            return None
+        doc = f"Handler metric {name!r}" + (f" ({unit})" if unit else "") + "."
         metric: Any
         try:
             if kind == "counter":
@@ -152,6 +167,35 @@ class CustomMetrics:
         self._per_model[model] += 1
         family = self._families[full] = _Family(kind, name, labelnames, metric)
         return family
+
+    def _claim(self, full: str, kind: Kind, name: str, labelnames: tuple[str, ...]) -> str | None:
+        """Fix the family's shape for every worker process (the first one's wins); the
+        reason to refuse this one, or None. Without a shared folder: nothing to agree."""
+        if self.shapes is None:
+            return None
+        shape = {"kind": kind, "name": name, "labels": sorted(labelnames)}
+        target = self.shapes / f"{full}.json"
+        self.shapes.mkdir(parents=True, exist_ok=True)
+        tmp = self.shapes / f".{full}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(shape))
+        try:
+            os.link(tmp, target)  # atomic, and fails if another process was first
+            return None
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        try:
+            first = json.loads(target.read_text())
+        except (OSError, ValueError):
+            return "its shape in another worker process cannot be read"
+        if first == shape:
+            return None
+        return (
+            f"another worker process made it a {first.get('kind')} named "
+            f"{first.get('name')!r} with labels {first.get('labels')}, not a {kind} named "
+            f"{name!r} with labels {sorted(labelnames)}"
+        )
 
     def _warn(self, full: str, message: str) -> None:
         if (full, message) not in self._warned:

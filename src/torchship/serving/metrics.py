@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from torchship.batching import BatchEvent
-from torchship.serving.custom_metrics import CustomMetrics
+from torchship.serving.custom_metrics import SHAPES_DIR, CustomMetrics
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -78,6 +79,7 @@ def prepare_multiprocess_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob("*.db"):
         stale.unlink(missing_ok=True)
+    shutil.rmtree(path / SHAPES_DIR, ignore_errors=True)  # handler metrics' shapes
 
 
 def mark_worker_dead(pid: int, path: Path | None = None) -> None:
@@ -267,7 +269,7 @@ class ServiceMetrics:
             multiprocess_mode="livemin",
         )
         #: Metrics that model code defines (TorchServe handlers' ``context.metrics``).
-        self.custom = CustomMetrics(r)
+        self.custom = CustomMetrics(r, self.multiprocess_dir)
         #: Asked at every scrape, so the scraped worker's readiness is never stale.
         self.readiness: Callable[[], bool] | None = None
         # metric.labels(...) costs a few microseconds per call (validation, locking):
