@@ -115,6 +115,12 @@ class Source:
         self.close()
 
 
+def _unreadable(path: Path, what: str, exc: BaseException) -> ArchiveError:
+    return ArchiveError(
+        f"{path.name} is not a model archive (not a readable {what}: {exc}).", hint=FORMATS_HINT
+    )
+
+
 class ZipSource(Source):
     format: Format = "zip"
 
@@ -123,10 +129,7 @@ class ZipSource(Source):
         try:
             self.zf = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise ArchiveError(
-                f"{path.name} is not a model archive (not a readable zip file: {exc}).",
-                hint=FORMATS_HINT,
-            ) from exc
+            raise _unreadable(path, "zip file", exc) from exc
 
     def _scan(self) -> Iterator[Member]:
         for m in self.zf.infolist():
@@ -163,10 +166,7 @@ class TarSource(Source):
         try:
             self.tf = tarfile.open(path, "r:gz")  # noqa: SIM115 (closed by close())
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ArchiveError(
-                f"{path.name} is not a model archive (not a readable .tar.gz: {exc}).",
-                hint=FORMATS_HINT,
-            ) from exc
+            raise _unreadable(path, ".tar.gz", exc) from exc
 
     def _scan(self) -> Iterator[Member]:
         # next() reads one header and (on the following call) skips that member's data:
