@@ -7,6 +7,8 @@ array's dtype, shape and data), so framing (multipart vs raw body, JSON spacing)
 not matter and a huge input costs one hash, never a huge key. The version is resolved
 first (pinned, alias, or chosen by the A/B / canary policy), then the cache is
 consulted: a cache can never answer for a version other than the one routing chose.
+A hit runs no model, so it is neither mirrored to a shadow version nor counted by a
+canary's error/latency guard: those judge versions on the requests they computed.
 
 Entries expire after ``ttl_s``; the memory store keeps at most ``max_entries`` entries
 and ``max_bytes`` bytes, least recently used out first. Loading over or unloading a
