@@ -127,6 +127,18 @@ def tar_entry(name: str, kind: bytes, target: str = "") -> tuple[tarfile.TarInfo
     return info, b""
 
 
+def raw_tar_header(name: str, kind: bytes, size: int) -> bytes:
+    """One 512-byte tar header of any type declaring ``size`` bytes of data, which need
+    not follow: what a hostile archive can claim (tarfile will not write most of these)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    block = bytearray(info.tobuf(tarfile.GNU_FORMAT)[: tarfile.BLOCKSIZE])
+    block[156:157] = kind
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
 def write_zip(path: Path, entries: list[tuple[zipfile.ZipInfo | str, bytes]]) -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for info, data in entries:

@@ -79,7 +79,7 @@ class Client:
         *,
         json: Any = None,
         content: bytes | None = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | list[tuple[str, str]] | None = None,
     ) -> Response:
         kwargs: dict[str, Any] = {"headers": headers or {}}
         if json is not None:

@@ -6,6 +6,7 @@ FastAPI and Flask apps in-process, and one real server on loopback sockets.
 
 from __future__ import annotations
 
+import gzip
 import json
 import tarfile
 import threading
@@ -25,6 +26,7 @@ from archive_utils import (
     manifest_bytes,
     model_archiver,
     png_of_digit,
+    raw_tar_header,
     symlink_entry,
     tar_entry,
     write_tgz,
@@ -237,6 +239,24 @@ TGZ_HOSTILE = {
 }
 
 
+# Headers that declare huge data (none follows: refused before it would be read)
+TGZ_HEADERS = {
+    "pax header bomb": (tarfile.XHDTYPE, ArchiveTooLargeError, "at most"),
+    "long-name bomb": (tarfile.GNUTYPE_LONGNAME, ArchiveTooLargeError, "at most"),
+    "sparse file": (tarfile.GNUTYPE_SPARSE, UnsafeArchiveError, "sparse file"),
+    "unknown type": (b"Z", UnsafeArchiveError, "not a regular file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TGZ_HEADERS))
+def test_tar_headers_are_judged_before_their_data_is_read(case: str, tmp_path: Path) -> None:
+    kind, error, message = TGZ_HEADERS[case]
+    path = tmp_path / "h.tar.gz"
+    path.write_bytes(gzip.compress(raw_tar_header("m/x", kind, 8 << 30)))
+    with pytest.raises(error, match=message):
+        inspect_archive(path)
+
+
 @pytest.mark.parametrize("case", sorted(TGZ_HOSTILE))
 def test_hostile_tgz_archives_are_refused_and_leave_nothing(case: str, tmp_path: Path) -> None:
     entries, error, message = TGZ_HOSTILE[case]
@@ -272,14 +292,67 @@ def test_tgz_and_folder_layouts_and_limits(tmp_path: Path) -> None:
     assert info.format == "folder" and info.files == {"handler.py", "sub/extra.txt", MANIFEST_PATH}
     assert info.sha256 == inspect_archive(folder).sha256
     (folder / "sub" / "extra.txt").write_bytes(b"y")
-    assert inspect_archive(folder).sha256 != info.sha256
+    changed = inspect_archive(folder).sha256
+    assert changed != info.sha256
+    # the same bytes split over files otherwise hash otherwise
+    (folder / "handler.py").write_bytes(b"# handlersub/extra.txt\x00y")
+    (folder / "sub" / "extra.txt").unlink()
+    assert inspect_archive(folder).sha256 != changed
     (folder / "sub" / "passwd").symlink_to("/etc/passwd")
     with pytest.raises(UnsafeArchiveError, match="symbolic link"):
         extract_archive(folder, tmp_path / "copy")
     assert not (tmp_path / "copy").exists()
+    # a file and a folder of the same name; `tar -C folder .`'s "./" entry is fine
+    clash = write_tgz(
+        tmp_path / "c.tar.gz", [("a", b"1"), ("a/b", b"2"), (MANIFEST_PATH, manifest_bytes())]
+    )
+    with pytest.raises(UnsafeArchiveError, match="collides"):
+        extract_archive(clash, tmp_path / "clash")
+    dot = tarfile.TarInfo(".")
+    dot.type = tarfile.DIRTYPE
+    rooted = write_tgz(
+        tmp_path / "dot.tar.gz",
+        [(dot, b""), ("./handler.py", b"#"), (f"./{MANIFEST_PATH}", manifest_bytes())],
+    )
+    assert inspect_archive(rooted).files == {"handler.py", MANIFEST_PATH}
     (tmp_path / "not.tar.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 10)
     with pytest.raises(ArchiveError, match="not a readable .tar.gz|corrupt"):
         inspect_archive(tmp_path / "not.tar.gz")
+
+
+def test_a_folder_changed_while_it_is_read_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the scan and the copy, a file swapped for a FIFO (which would block the
+    open) or a folder swapped for a link elsewhere: refused, nothing read from outside."""
+    import os
+
+    from torchship.archive import sources
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("not for the model")
+    folder = tmp_path / "m"
+    (folder / "MAR-INF").mkdir(parents=True)
+    (folder / MANIFEST_PATH).write_bytes(manifest_bytes())
+    (folder / "handler.py").write_text("#")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "secret").write_text("x" * 17)
+    scan = sources.FolderSource.members
+
+    def swap_after_scan(self: sources.FolderSource, limits: ArchiveLimits) -> list[sources.Member]:
+        found = scan(self, limits)
+        (folder / "handler.py").unlink()
+        os.mkfifo(folder / "handler.py")
+        (folder / "sub" / "secret").unlink()
+        (folder / "sub").rmdir()
+        (folder / "sub").symlink_to(outside)
+        return found
+
+    monkeypatch.setattr(sources.FolderSource, "members", swap_after_scan)
+    with pytest.raises(UnsafeArchiveError, match="changed while it was read"):
+        extract_archive(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_tgz_and_no_archive_formats_serve_like_the_mar(

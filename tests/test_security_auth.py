@@ -243,6 +243,11 @@ def test_pages_open_without_a_key_but_their_data_needs_one(client: Client) -> No
         assert client.call("get", path, headers={"X-API-Key": INFER_KEY}).status == 200, path
     assert client.call("get", "/", headers={"Accept": "*/*"}).status == 401  # curl's index
     assert client.call("get", "/manage/models", headers=html).status == 401
+    # two Accept headers: the gate and the route read them alike (the page, no data)
+    r = client.call("get", "/", headers=[("Accept", "*/*"), ("Accept", "text/html")])
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
+    r = client.call("get", "/", headers={"Accept": "text/html;q=0, application/json"})
+    assert r.status == 401
 
 
 def test_auth_off_without_keys(store_root: Path) -> None:

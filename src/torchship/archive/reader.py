@@ -26,16 +26,20 @@ import hashlib
 import os
 import re
 import shutil
-import tarfile
 import uuid
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from torchship.archive.errors import ArchiveError, ArchiveTooLargeError, UnsafeArchiveError
 from torchship.archive.manifest import MANIFEST_PATH, MarManifest
-from torchship.archive.sources import ArchiveLimits, Format, Member, Source, open_source
+from torchship.archive.sources import (
+    READ_ERRORS,
+    ArchiveLimits,
+    Format,
+    Member,
+    Source,
+    open_source,
+)
 
 __all__ = [
     "ArchiveEntry",
@@ -84,10 +88,11 @@ def inspect_archive(path: str | Path, limits: ArchiveLimits | None = None) -> Ma
     """Check every entry of ``path`` and read its manifest; unpacks nothing."""
     path = Path(path)
     limits = limits or ArchiveLimits()
-    with open_source(path) as src:
+    with open_source(path, limits) as src:
         checked = _check_entries(src, limits)
         manifest = _read_manifest(src, checked, limits)
-    info = MarInfo(path, manifest, tuple(e for _, e in checked), _sha256(path), src.format)
+        digest = _sha256(src, checked)
+    info = MarInfo(path, manifest, tuple(e for _, e in checked), digest, src.format)
     _check_references(info)
     return info
 
@@ -104,15 +109,16 @@ def extract_archive(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open_source(path) as src:
+        with open_source(path, limits) as src:
             checked = _check_entries(src, limits)
             manifest = _read_manifest(src, checked, limits)
             tmp.mkdir()
             written = 0
             for member, entry in checked:
                 written += _extract_one(src, member, entry, tmp, path, limits, written)
+            digest = _sha256(src, checked)
         entries = tuple(e for _, e in checked)
-        info = MarInfo(path, manifest, entries, _sha256(path), src.format)
+        info = MarInfo(path, manifest, entries, digest, src.format)
         _check_references(info)
         tmp.rename(dest)
     finally:
@@ -149,23 +155,9 @@ def safe_entry_name(raw: str, source: str) -> str:
 
 def _check_entries(src: Source, limits: ArchiveLimits) -> Checked:
     name = src.path.name
-    members = src.members(limits)
-    raw_names = []
-    for m in members:
-        raw_names.append(safe_entry_name(m.raw_name, name))
-        if m.kind in ("symbolic link", "hard link"):
-            raise UnsafeArchiveError(
-                f"{name} was refused: entry {m.raw_name!r} is a {m.kind}.",
-                hint="Put the file itself into the archive, not a link to it.",
-            )
-        if m.kind == "other":
-            raise UnsafeArchiveError(
-                f"{name} was refused: entry {m.raw_name!r} is not a regular file "
-                f"(mode {oct(m.mode)})."
-            )
-        if m.encrypted:
-            raise UnsafeArchiveError(f"{name} was refused: entry {m.raw_name!r} is encrypted.")
-    names = _top_level(raw_names)
+    # links, special files and encrypted entries were refused as they were listed
+    members = [m for m in src.members(limits) if not _is_root(m)]
+    names = _top_level([safe_entry_name(m.raw_name, name) for m in members])
     seen: set[str] = set()
     checked: Checked = []
     for m, entry_name in zip(members, names, strict=True):
@@ -186,6 +178,11 @@ def _check_entries(src: Source, limits: ArchiveLimits) -> Checked:
         size = 0 if is_dir else m.size
         checked.append((m, ArchiveEntry(entry_name, size, m.compressed_size, is_dir)))
     return checked
+
+
+def _is_root(m: Member) -> bool:
+    """The archive's own folder entry (``./`` in ``tar -czf m.tar.gz -C folder .``)."""
+    return m.kind == "dir" and all(p in ("", ".") for p in m.raw_name.split("/"))
 
 
 def _top_level(names: list[str]) -> list[str | None]:
@@ -213,8 +210,11 @@ def _read_manifest(src: Source, checked: Checked, limits: ArchiveLimits) -> MarM
     (member,) = found
     if member.size > limits.max_manifest_bytes:
         raise ArchiveTooLargeError(f"{src.path.name}: {MANIFEST_PATH} is implausibly large.")
-    with src.open(member) as fh:
-        raw = fh.read(limits.max_manifest_bytes + 1)
+    try:
+        with src.open(member) as fh:
+            raw = fh.read(limits.max_manifest_bytes + 1)
+    except READ_ERRORS as exc:
+        raise ArchiveError(f"{src.path.name}: {MANIFEST_PATH} is corrupt ({exc}).") from exc
     return MarManifest.parse(raw, src.path.name)
 
 
@@ -245,15 +245,15 @@ def _extract_one(
     written_before: int,
 ) -> int:
     target = root.joinpath(*entry.name.split("/"))
-    # Belt and braces: the normalised name cannot leave root, and no parent is a link.
-    if not target.resolve().is_relative_to(root.resolve()):
-        raise UnsafeArchiveError(f"{path.name} was refused: {entry.name!r} leaves the folder.")
-    if entry.is_dir:
-        target.mkdir(parents=True, exist_ok=True)
-        return 0
-    target.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     try:
+        # Belt and braces: the normalised name cannot leave root, and no parent is a link.
+        if not target.resolve().is_relative_to(root.resolve()):
+            raise UnsafeArchiveError(f"{path.name} was refused: {entry.name!r} leaves the folder.")
+        if entry.is_dir:
+            target.mkdir(parents=True, exist_ok=True)
+            return 0
+        target.parent.mkdir(parents=True, exist_ok=True)
         with src.open(member) as fh, open(target, "xb") as out:
             while block := fh.read(_CHUNK):
                 written += len(block)
@@ -263,20 +263,30 @@ def _extract_one(
                         f"{entry.size} bytes its header declares."
                     )
                 out.write(block)
-    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, NotImplementedError) as exc:
-        raise ArchiveError(f"{path.name}: {entry.name!r} is corrupt ({exc}).") from exc
-    os.chmod(target, 0o644)
+        os.chmod(target, 0o644)
+    except (FileExistsError, NotADirectoryError) as exc:  # "a" as a file and "a/b"
+        raise UnsafeArchiveError(
+            f"{path.name} was refused: {entry.name!r} collides with another entry."
+        ) from exc
+    except READ_ERRORS as exc:  # damaged data, or a name this filesystem cannot hold
+        raise ArchiveError(f"{path.name}: {entry.name!r} cannot be unpacked ({exc}).") from exc
     return written
 
 
-def _sha256(path: Path) -> str:
-    """The file's SHA-256; for a folder, over its files' names and contents in order."""
+def _sha256(src: Source, checked: Checked) -> str:
+    """The archive file's SHA-256; for a folder, over its checked files in order, each as
+    name, length and content (so no two layouts hash alike)."""
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        if file != path:
-            digest.update(file.relative_to(path).as_posix().encode() + b"\x00")
-        with file.open("rb") as fh:
+    if src.format != "folder":
+        with src.path.open("rb") as fh:
+            while block := fh.read(_CHUNK):
+                digest.update(block)
+        return digest.hexdigest()
+    for member, entry in sorted(checked, key=lambda pair: pair[1].name):
+        if entry.is_dir:
+            continue
+        digest.update(f"{entry.name}\x00{entry.size}\x00".encode())
+        with src.open(member) as fh:
             while block := fh.read(_CHUNK):
                 digest.update(block)
     return digest.hexdigest()

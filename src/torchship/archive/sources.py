@@ -8,24 +8,44 @@ job. The format is told from the content (zip and gzip magic bytes, or a folder)
 from the file name.
 
 Reading never follows a link and never unpacks more than the caller's limits allow: a
-tar is walked header by header, and its declared sizes are checked before the bytes
-between headers are decompressed.
+tar is walked header by header, its declared sizes are checked before the bytes between
+headers are decompressed, links and odd member types are refused at their header, and
+the gzip stream under it refuses to decompress past a budget (the size limit, or the
+compression ratio limit times the file's size) or to hand out a header over 1 MiB (PAX
+and GNU long-name headers are read whole). A folder's files are opened without
+following links and must still be the files that were scanned.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from torchship.archive.errors import ArchiveError, ArchiveTooLargeError
+from torchship.archive.errors import ArchiveError, ArchiveTooLargeError, UnsafeArchiveError
 
-Kind = Literal["file", "dir", "symbolic link", "hard link", "other"]
+Kind = Literal["file", "dir", "symbolic link", "hard link", "sparse file", "other"]
+MAX_HEADER_READ = (1 << 20) + 512
+"""The most a tar read may ask for at once: extraction reads 1 MiB blocks, headers are
+512 bytes, so only an oversized PAX or long-name header asks for more."""
+READ_ERRORS = (
+    OSError,
+    EOFError,
+    zlib.error,
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    NotImplementedError,
+    ValueError,
+)
+"""What reading a damaged archive raises (zip CRCs, unknown methods, bad gzip, ...)."""
 Format = Literal["zip", "tgz", "folder"]
 FORMATS_HINT = (
     "torchship reads TorchServe's three archive formats: a zip .mar (default), a .tar.gz "
@@ -72,6 +92,7 @@ class Source:
         total = 0
         stored = self.stored_bytes()
         for member in self._scan():
+            self._refuse_odd(member)
             found.append(member)
             if len(found) > limits.max_entries:
                 raise ArchiveTooLargeError(
@@ -94,6 +115,23 @@ class Source:
                     f"{limits.max_ratio:g}x is accepted."
                 )
         return found
+
+    def _refuse_odd(self, m: Member) -> None:
+        """Links, sparse and special files, encrypted entries: refused at their header,
+        before anything after it is read."""
+        name = self.path.name
+        if m.kind in ("symbolic link", "hard link", "sparse file"):
+            raise UnsafeArchiveError(
+                f"{name} was refused: entry {m.raw_name!r} is a {m.kind}.",
+                hint="Archive the file itself, as a regular file (no links, tar without --sparse).",
+            )
+        if m.kind == "other":
+            raise UnsafeArchiveError(
+                f"{name} was refused: entry {m.raw_name!r} is not a regular file "
+                f"(mode {oct(m.mode)})."
+            )
+        if m.encrypted:
+            raise UnsafeArchiveError(f"{name} was refused: entry {m.raw_name!r} is encrypted.")
 
     def open(self, member: Member) -> IO[bytes]:
         raise NotImplementedError
@@ -158,23 +196,87 @@ class ZipSource(Source):
         self.zf.close()
 
 
+class _Bounded(io.RawIOBase):
+    """A gzip stream that refuses to decompress past ``budget`` bytes or to return more
+    than ``max_read`` at once (tarfile reads PAX and long-name headers whole)."""
+
+    def __init__(self, raw: gzip.GzipFile, budget: int, max_read: int, source: str) -> None:
+        super().__init__()
+        self.raw, self.budget, self.max_read, self.source = raw, budget, max_read, source
+        self.name = source
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > self.max_read:
+            raise ArchiveTooLargeError(
+                f"{self.source} was refused: a tar header or read of "
+                f"{'unbounded' if size is None or size < 0 else size} bytes (at most "
+                f"{self.max_read} are read at once)."
+            )
+        self._check(self.raw.tell() + size)
+        return self.raw.read(size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self.raw.tell() + offset
+        if whence not in (io.SEEK_SET, io.SEEK_CUR):
+            raise io.UnsupportedOperation("seek from the end of a gzip stream")
+        self._check(target)
+        return self.raw.seek(target)
+
+    def _check(self, position: int) -> None:
+        if position > self.budget:
+            raise ArchiveTooLargeError(
+                f"{self.source} was refused: it decompresses to more than {self.budget} "
+                f"bytes (its size limit, or {self.source}'s size times the compression "
+                f"ratio limit: a decompression bomb?).",
+                hint="Raise the archive size limit if the model really is that big.",
+            )
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 class TarSource(Source):
     format: Format = "tgz"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, limits: ArchiveLimits) -> None:
         super().__init__(path)
+        stored = path.stat().st_size
+        # tar's own bytes on top of the members': a header (and padding) per entry
+        slack = 2 * tarfile.BLOCKSIZE * (limits.max_entries + 2) + MAX_HEADER_READ
+        budget = min(
+            limits.max_total_bytes, max(limits.ratio_floor_bytes, int(limits.max_ratio * stored))
+        )
+        self.stream = _Bounded(
+            gzip.GzipFile(path, "rb"), budget + slack, MAX_HEADER_READ, path.name
+        )
         try:
-            self.tf = tarfile.open(path, "r:gz")  # noqa: SIM115 (closed by close())
-        except (tarfile.TarError, OSError, EOFError) as exc:
+            self.tf = tarfile.open(fileobj=self.stream, mode="r:")  # noqa: SIM115 (close())
+        except ArchiveTooLargeError:
+            self.stream.close()
+            raise
+        except READ_ERRORS as exc:
+            self.stream.close()
             raise _unreadable(path, ".tar.gz", exc) from exc
 
     def _scan(self) -> Iterator[Member]:
         # next() reads one header and (on the following call) skips that member's data:
-        # the caller sees each declared size before those bytes are decompressed.
+        # the caller sees each declared size, and refuses, before those bytes are read.
         while True:
             try:
                 m = self.tf.next()
-            except (tarfile.TarError, OSError, EOFError) as exc:
+            except ArchiveTooLargeError:
+                raise
+            except READ_ERRORS as exc:
                 raise ArchiveError(f"{self.path.name} is corrupt ({exc}).") from exc
             if m is None:
                 return
@@ -183,6 +285,8 @@ class TarSource(Source):
                 kind = "symbolic link"
             elif m.islnk():
                 kind = "hard link"
+            elif m.issparse():
+                kind = "sparse file"
             elif m.isdir():
                 kind = "dir"
             elif m.isreg():
@@ -199,6 +303,7 @@ class TarSource(Source):
 
     def close(self) -> None:
         self.tf.close()
+        self.stream.close()
 
 
 class FolderSource(Source):
@@ -226,18 +331,34 @@ class FolderSource(Source):
                 else:
                     kind = "other"
                 size = info.st_size if kind == "file" else 0
-                yield Member(name, kind, size, None, False, info.st_mode, Path(entry.path))
+                ref = (Path(entry.path), info.st_dev, info.st_ino)
+                yield Member(name, kind, size, None, False, info.st_mode, ref)
 
     def open(self, member: Member) -> IO[bytes]:
-        # O_NOFOLLOW: a file swapped for a link after the scan is not followed either
-        fd = os.open(member.ref, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # The file scanned, still: not a link (O_NOFOLLOW), not a FIFO swapped in (no
+        # blocking open), not another file reached through a folder swapped for a link.
+        path, dev, ino = member.ref
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise UnsafeArchiveError(
+                f"{self.path.name} was refused: {member.raw_name!r} cannot be opened as the "
+                f"file that was checked ({exc.strerror})."
+            ) from exc
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != (dev, ino):
+            os.close(fd)
+            raise UnsafeArchiveError(
+                f"{self.path.name} was refused: {member.raw_name!r} changed while it was read."
+            )
         return os.fdopen(fd, "rb")
 
     def stored_bytes(self) -> int:
         return 0  # nothing is compressed: no ratio to check
 
 
-def open_source(path: Path) -> Source:
+def open_source(path: Path, limits: ArchiveLimits) -> Source:
     """The reader for ``path``: a folder, or a file told by its first bytes."""
     if path.is_dir():
         return FolderSource(path)
@@ -246,7 +367,7 @@ def open_source(path: Path) -> Source:
     with path.open("rb") as fh:
         magic = fh.read(4)
     if magic[:2] == b"\x1f\x8b":
-        return TarSource(path)
+        return TarSource(path, limits)
     return ZipSource(path)  # a zip, or a clear "not a readable zip" error
 
 

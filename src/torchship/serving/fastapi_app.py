@@ -195,7 +195,8 @@ def create_app(
 
     @app.get("/", tags=["status"], summary="The status page for browsers; JSON otherwise.")
     async def index(request: Request) -> Response:
-        if status_page.wants_html(request.headers.get("accept")):
+        # every Accept header, joined as the gate saw them: it let a page request in
+        if status_page.wants_html(", ".join(request.headers.getlist("accept"))):
             return Response(status_page.page(), media_type=status_page.HTML)
         return JSONResponse(status_page.index(service))
 

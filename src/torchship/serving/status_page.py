@@ -37,15 +37,32 @@ ASSET_CACHE_CONTROL = "public, max-age=3600"
 
 def wants_html(accept: str | None) -> bool:
     """A browser's navigation (``Accept: text/html,...``) gets the page; ``*/*`` (curl,
-    requests) and ``application/json`` get JSON, as before the page existed."""
+    requests) and ``application/json`` get JSON, as before the page existed. Quality
+    values count (``text/html;q=0`` is a refusal); on a tie the first named wins."""
     if not accept:
         return False
-    kinds = [part.split(";")[0].strip().lower() for part in accept.split(",")]
-    if "text/html" not in kinds:
+    quality: dict[str, float] = {}
+    order: list[str] = []
+    for part in accept.split(","):
+        kind, *params = (p.strip() for p in part.split(";"))
+        kind = kind.lower()
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if kind not in quality:
+            order.append(kind)
+        quality[kind] = max(q, quality.get(kind, 0.0))
+    html, json = quality.get("text/html", 0.0), quality.get("application/json", -1.0)
+    if html <= 0:
         return False
-    return "application/json" not in kinds or kinds.index("text/html") < kinds.index(
-        "application/json"
-    )
+    if html != json:
+        return html > json
+    return order.index("text/html") < order.index("application/json")
 
 
 @cache

@@ -43,8 +43,10 @@
       layout: "BaseLayout",
       validatorUrl: null, // the default badge is an image from validator.swagger.io
       requestInterceptor: (request) => {
+        // the key goes to this server only, never to another host a spec might name
         const key = torchshipKey.headers()["X-API-Key"];
-        if (key && !request.headers["X-API-Key"] && !request.headers.Authorization) {
+        const sameOrigin = new URL(request.url, location.href).origin === location.origin;
+        if (key && sameOrigin && !request.headers["X-API-Key"] && !request.headers.Authorization) {
           request.headers["X-API-Key"] = key;
         }
         return request;
