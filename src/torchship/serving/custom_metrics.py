@@ -175,14 +175,17 @@ class CustomMetrics:
             return None
         shape = {"kind": kind, "name": name, "labels": sorted(labelnames)}
         target = self.shapes / f"{full}.json"
-        self.shapes.mkdir(parents=True, exist_ok=True)
         tmp = self.shapes / f".{full}.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps(shape))
         try:
+            self.shapes.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(shape))
             os.link(tmp, target)  # atomic, and fails if another process was first
             return None
         except FileExistsError:
             pass
+        except OSError as exc:  # an unwritable folder: this process decides alone
+            self._warn(full, f"its shape cannot be shared with other workers ({exc})")
+            return None
         finally:
             tmp.unlink(missing_ok=True)
         try:
