@@ -13,7 +13,7 @@ import torch
 from serving_utils import SAMPLE, run_server
 
 from torchship.demo import train_demo
-from torchship.errors import ConfigError
+from torchship.errors import ConfigError, ServiceUnavailableError
 from torchship.serving import ImagePayload, InferenceService, ServeSettings
 from torchship.serving.handlers import load_handler
 from torchship.settings import load_settings
@@ -173,3 +173,70 @@ def test_listeners_disable_nagle(tmp_path: Path) -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_what_would_never_be_ready_is_refused_before_serving(small_store: Path) -> None:
+    """A missing model or version, an unknown device, a missing handler, a taken port:
+    one line and exit code 2 from `torchship serve`, not a server that never gets ready."""
+    import socket
+    import subprocess
+    import sys
+
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "torchship", "serve", "--store", str(small_store), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = {
+            ("--model", "nope"): "No model named 'nope'",
+            ("--model", "digits:9"): "no version or alias '9'",
+            ("--device", "bogus"): "'bogus' is not a device",
+            ("--handler", "digits=nope.py:X"): "nope.py does not exist",
+            ("--port", port): f"Cannot listen on 127.0.0.1:{port}",
+        }
+        for args, message in cases.items():
+            done = serve(*args)
+            assert done.returncode == 2, (args, done.stderr[-2000:])
+            assert message in done.stderr and "Traceback" not in done.stderr, args
+
+
+def test_a_model_that_fails_to_load_is_reported_and_the_others_serve(
+    tmp_path: Path, small_store: Path
+) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text(
+        "from torchship.serving.handlers import Handler\n"
+        "class Broken(Handler):\n"
+        "    def setup(self, predictor, **kw):\n"
+        "        raise RuntimeError('no GPU kernel for this layer')\n"
+    )
+    import shutil
+
+    root = shutil.copytree(small_store, tmp_path / "models")
+    store = ModelStore(root)
+    store.save(digits.DigitsMLP(), "other", input_spec=digits.input_spec(), labels=digits.LABELS)
+    settings = ServeSettings(
+        store=root,
+        models=["digits", "other"],
+        runtime="eager",
+        handlers={"other": f"{broken}:Broken"},
+    )
+    service = InferenceService(settings).start()
+    try:
+        ready, body = service.readiness()
+        assert not ready and "no GPU kernel" in body["load_errors"]["other"]
+        assert service.predict(ImagePayload(SAMPLE.read_bytes())).model == "digits"
+    finally:
+        service.stop()
+    only_broken = ServeSettings(
+        store=root, models=["other"], runtime="eager", handlers={"other": f"{broken}:Broken"}
+    )
+    service = InferenceService(only_broken).start()
+    try:
+        with pytest.raises(ServiceUnavailableError, match="No model could be loaded: other"):
+            service.predict(ImagePayload(SAMPLE.read_bytes()))
+    finally:
+        service.stop()

@@ -136,7 +136,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, cls=ServeSettings, **fields)
     if args.engine == "ray":
         from torchship.serving.ray_serve import serve_ray
+        from torchship.serving.service import preflight
 
+        preflight(settings)
         serve_ray(settings, replicas=args.replicas)
         return 0
     serve(settings)

@@ -22,6 +22,7 @@ from typing import Any
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from torchship.errors import ConfigError
 from torchship.monitoring.logs import configure_logging
 from torchship.serving.metrics import (
     MULTIPROC_ENV,
@@ -29,6 +30,7 @@ from torchship.serving.metrics import (
     multiprocess_dir,
     prepare_multiprocess_dir,
 )
+from torchship.serving.service import preflight
 from torchship.serving.settings import ServeSettings
 
 log = logging.getLogger("torchship.serving")
@@ -48,6 +50,8 @@ def settings_to_env(settings: ServeSettings) -> dict[str, str]:
 def serve(settings: ServeSettings) -> None:
     workers = settings.worker_count()
     configure_logging(settings.log_format, access_log=settings.access_log)
+    preflight(settings)  # a missing model or a taken port: one error now, not a
+    check_ports(settings)  # server that never gets ready
     log.warning(
         "torchship serving %s with %s on http://%s:%d (%d worker%s, %d thread%s each)",
         ", ".join(settings.models),
@@ -66,6 +70,23 @@ def serve(settings: ServeSettings) -> None:
             from torchship.serving.flask_app import serve_gunicorn
 
             serve_gunicorn(settings, workers)
+
+
+def check_ports(settings: ServeSettings) -> None:
+    """Fail now, with a hint, if the port (or management port) is taken."""
+    for port in (settings.port, settings.management_port):
+        if not port:
+            continue
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((settings.host, port))
+            except OSError as exc:
+                raise ConfigError(
+                    f"Cannot listen on {settings.host}:{port}: {exc.strerror}.",
+                    hint="Stop what listens there, or choose another --port (--management-port).",
+                ) from exc
 
 
 @contextlib.contextmanager

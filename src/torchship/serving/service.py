@@ -177,7 +177,12 @@ class InferenceService:
     # --- lifecycle ------------------------------------------------------------------
 
     def start(self) -> InferenceService:
-        """Load, warm up and start every configured model (blocking)."""
+        """Load, warm up and start every configured model (blocking).
+
+        A model that fails to load is recorded in ``load_errors`` (readiness and
+        ``/status`` show why) and the others still load: the server is not ready, but
+        it says so, and serves what it can.
+        """
         if self._started:
             return self
         threads = self.settings.threads_per_worker()
@@ -185,7 +190,14 @@ class InferenceService:
         for ref in self.settings.models:
             if self._stopping:  # stopped while loading (SIGTERM at start-up): no more
                 return self
-            self.load(ref, threads=threads)
+            try:
+                self.load(ref, threads=threads)
+            except TorchshipError as exc:
+                self.load_errors[ref] = str(exc)
+                log.error("%s was not loaded: %s", ref, exc)
+            except Exception as exc:
+                self.load_errors[ref] = f"{type(exc).__name__}: {exc}"
+                log.exception("%s was not loaded", ref)
         if self._stopping:
             return self
         for name in self._order:
@@ -439,6 +451,14 @@ class InferenceService:
             validate_name(version, "version or alias")
         with self._lock:
             if not self._order:
+                if self._started and self.load_errors:
+                    raise ModelNotReadyError(
+                        "No model could be loaded: "
+                        + "; ".join(f"{r}: {e}" for r, e in self.load_errors.items()),
+                        retry_after=30.0,
+                        hint="Fix the configuration and restart, or load a model through "
+                        "the management API.",
+                    )
                 raise ModelNotReadyError("No model is loaded yet.", retry_after=1.0)
             if name is None:
                 name = self._order[0]
@@ -776,7 +796,10 @@ class InferenceService:
             and len(self._order)
             >= len({parse_ref(r)[0] for r in self.settings.models if archive_spec(r) is None})
         )
-        return ready, {"ready": ready, "draining": self.draining, "models": status}
+        body: dict[str, Any] = {"ready": ready, "draining": self.draining, "models": status}
+        if self.load_errors:
+            body["load_errors"] = dict(self.load_errors)
+        return ready, body
 
     def check_ready(self) -> None:
         ready, _ = self.readiness()
@@ -870,3 +893,23 @@ def _remembered_scaling(entry: dict[str, Any] | None) -> BatchScaling | None:
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
+
+
+def preflight(settings: ServeSettings) -> None:
+    """Refuse, before a server starts, what would keep it from ever being ready: a model
+    or version not in the store, an archive that is not there, an unknown device, a
+    handler that cannot be imported. Cheap: nothing is loaded."""
+    from torchship.devices import resolve_device
+    from torchship.serving.mar_models import resolve_archive_path
+
+    store = ModelStore(settings.store)
+    resolve_device(settings.device)
+    for ref in settings.models:
+        archive = archive_spec(ref)
+        if archive is not None:
+            resolve_archive_path(archive[1], settings.model_store)
+            continue
+        name, version = parse_ref(ref)
+        store.resolve(name, version)
+    for spec in settings.handlers.values():
+        load_handler(spec)
