@@ -10,6 +10,7 @@ import pytest
 import tomllib
 
 from torchship.cli import main
+from torchship.store import ModelStore
 from torchship.zoo import digits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,22 +88,24 @@ def test_export_then_predict_files(
 
     npy = tmp_path / "three.npy"
     np.save(npy, digits_data.x_test[:3].numpy())
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((ROOT / "data" / "sample.jpg").read_bytes()[:300])
+    files = [ROOT / "data" / "sample.jpg", truncated, ROOT / "data" / "test.jpg", npy]
     code, out, _ = run(
         capsys,
-        "predict",
-        "--model",
-        "digits",
-        "--store",
-        cli_store,
-        "--json",
-        str(ROOT / "data" / "sample.jpg"),
-        str(ROOT / "data" / "test.jpg"),
-        str(npy),
+        *("predict", "--model", "digits", "--store", cli_store, "--json"),
+        *map(str, files),
     )
-    assert code == 0
+    assert code == 1  # one file could not be read: named, and the others answered
     lines = [json.loads(line) for line in out.splitlines()]
-    assert [r["top_k"][0]["label"] for r in lines[:2]] == ["2", "3"]
-    assert len(lines) == 2 + 1  # one row per file; the .npy holds a batch
+    answered = {r["file"]: r["top_k"][0]["label"] for r in lines if "top_k" in r}
+    assert answered == {
+        str(files[0]): "2",
+        str(files[2]): "3",
+        **{f"{npy}[{i}]": str(int(digits_data.y_test[i])) for i in range(3)},
+    }  # one row per item: a .npy may hold a batch
+    (error,) = [r for r in lines if "error" in r]
+    assert error["file"] == str(truncated) and "truncated" in error["error"]
     code, out, _ = run(
         capsys,
         "predict",
@@ -167,3 +170,26 @@ def test_promote_rollback_history(cli_store: str, capsys: pytest.CaptureFixture[
     assert code == 0 and "too slow" in out and "rollback" in out
     code, out, _ = run(capsys, "models", "list", "--store", cli_store)
     assert "archived" in out
+
+
+def test_export_refuses_an_opset_it_would_not_write(
+    cli_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dynamo exporter writes opset 18+ whatever it is asked: asking for 13 is an
+    error naming --exporter legacy, not a file whose manifest claims 13."""
+    args = ("export", "digits", "--format", "onnx", "--store", cli_store)
+    code, _, err = run(capsys, *args, "--opset", "13")
+    assert code == 2 and "wrote opset 18, not the 13" in err and "legacy" in err
+    code, _, err = run(capsys, *args, "--opset", "99")
+    assert code == 2 and "Opset 99" in err
+    code, _, _ = run(capsys, *args, "--opset", "13", "--exporter", "legacy")
+    assert code == 0
+    manifest = ModelStore(cli_store).manifest("digits")
+    assert manifest.artifacts["onnx"].options["opset"] == 13
+    onnx_file = ModelStore(cli_store).path("digits", manifest.version) / "model.onnx"
+    from torchship.export.onnx import written_opset
+
+    assert written_opset(onnx_file) == 13
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it before any export
+        main([*args, "--tolerance", "-1"])
+    assert exit_.value.code == 2 and "must be a number >= 0" in capsys.readouterr().err

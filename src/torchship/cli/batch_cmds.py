@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 
 from rich.console import Console
 
-from torchship.cli._args import int_or_auto
+from torchship.cli._args import int_or_auto, top_k_count
 from torchship.settings import load_settings
 
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -41,7 +41,7 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--threads", type=int, help="model intra-op threads (default: cores left)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--runtime", choices=["auto", "eager", "torchscript", "onnx"])
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-k", type=top_k_count)
     p.add_argument("--engine", choices=["local", "ray"])
     p.add_argument("--ray-address", help="existing Ray cluster (default: start a local one)")
     p.add_argument("--amp", action="store_true", default=None, help="float16 autocast on CUDA")

@@ -12,7 +12,8 @@ from typing import Any, TypeAlias
 from rich.console import Console
 from rich.table import Table
 
-from torchship.errors import InvalidInputError
+from torchship.cli._args import non_negative, top_k_count
+from torchship.errors import InvalidInputError, TorchshipError
 from torchship.settings import Settings, load_settings
 from torchship.store import ModelStore, parse_ref
 
@@ -96,7 +97,7 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--method", choices=["trace", "script"], default="trace", help="TorchScript")
     p.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo", help="ONNX")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--tolerance", type=non_negative, default=1e-4)
     p.add_argument("--trust-pickle", action="store_true")
     p.set_defaults(handler=cmd_export)
 
@@ -106,7 +107,7 @@ def register(sub: SubParsers) -> None:
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--runtime", choices=["auto", "eager", "torchscript", "onnx"], default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=top_k_count, default=3)
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p.add_argument("--trust-pickle", action="store_true")
     p.set_defaults(handler=cmd_predict)
@@ -348,29 +349,51 @@ def cmd_predict(args: argparse.Namespace) -> int:
     spec = predictor.input_spec
     if spec is None:
         raise InvalidInputError(f"{predictor.manifest.ref} has no input spec to prepare files.")
+    # one row per item (a .npy file may hold several), one per file that could not be read
+    names: list[str] = []
     items: list[torch.Tensor] = []
+    failed: list[tuple[str, str]] = []
     for path in args.files:
-        if not path.is_file():
-            raise InvalidInputError(f"{path} is not a file.")
-        if path.suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-            items.extend(validate_tensor(arr, spec))
-        else:
-            items.append(preprocess_image(path.read_bytes(), spec))
+        try:
+            if not path.is_file():
+                raise InvalidInputError(f"{path} is not a file.")
+            if path.suffix == ".npy":
+                try:
+                    arr = np.load(path, allow_pickle=False)
+                except (ValueError, OSError, EOFError) as exc:
+                    raise InvalidInputError(f"not a readable .npy file ({exc})") from exc
+                found = validate_tensor(arr, spec)
+                names += (
+                    [str(path)] if len(found) == 1 else [f"{path}[{i}]" for i in range(len(found))]
+                )
+                items.extend(found)
+            else:
+                items.append(preprocess_image(path.read_bytes(), spec))
+                names.append(str(path))
+        except TorchshipError as exc:
+            failed.append((str(path), exc.message))
+    if not items:
+        raise InvalidInputError(
+            "No file could be read: " + "; ".join(f"{p}: {why}" for p, why in failed)
+        )
     outputs = predictor.predict(torch.stack(items))
     results = top_k(outputs, predictor.labels, args.top_k)
     if args.json:
-        for path, res in zip(args.files, results, strict=False):
-            print(json.dumps({"file": str(path), "model": predictor.manifest.ref, "top_k": res}))
-        return 0
+        for name, res in zip(names, results, strict=True):
+            print(json.dumps({"file": name, "model": predictor.manifest.ref, "top_k": res}))
+        for name, why in failed:
+            print(json.dumps({"file": name, "model": predictor.manifest.ref, "error": why}))
+        return 1 if failed else 0
     table = Table(title=f"{predictor.manifest.ref} via {predictor.runtime}")
     table.add_column("file")
     table.add_column("prediction")
     table.add_column("probability", justify="right")
     table.add_column(f"top {args.top_k}")
-    for path, res in zip(args.files, results, strict=False):
+    for name, res in zip(names, results, strict=True):
         best = res[0]
         others = ", ".join(f"{r['label']} {r['probability']:.2f}" for r in res[1:])
-        table.add_row(str(path), str(best["label"]), f"{best['probability']:.3f}", others)
+        table.add_row(name, str(best["label"]), f"{best['probability']:.3f}", others)
+    for name, why in failed:
+        table.add_row(name, "[red]not read[/red]", "", why)
     console.print(table)
-    return 0
+    return 1 if failed else 0

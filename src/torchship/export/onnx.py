@@ -88,6 +88,12 @@ def to_onnx(
         raise MissingDependencyError("onnx", "onnx", "ONNX export") from exc
     path = Path(path)
     opset = opset or DEFAULT_OPSET[exporter]
+    newest = onnx.defs.onnx_opset_version()
+    if not 7 <= opset <= newest:
+        raise ExportError(
+            f"Opset {opset} is not one this onnx package writes (7 to {newest}).",
+            hint="The dynamo exporter writes opset 18 or later; --exporter legacy older ones.",
+        )
     inputs = list(input_names or ["input"])
     outputs = list(output_names or ["output"])
     was_training = model.training
@@ -141,7 +147,21 @@ def to_onnx(
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"The exported ONNX file fails onnx.checker: {exc}") from exc
+    written = written_opset(path)
+    if written != opset:  # the dynamo exporter writes 18+ whatever it is asked
+        raise ExportError(
+            f"The {exporter} exporter wrote opset {written}, not the {opset} asked for.",
+            hint="For an opset below 18 use exporter='legacy' (--exporter legacy).",
+        )
     return path
+
+
+def written_opset(path: str | Path) -> int:
+    """The default-domain opset an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 @contextlib.contextmanager
