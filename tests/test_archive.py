@@ -509,6 +509,10 @@ def test_register_scale_set_default_unregister(admin: TestClient, client: TestCl
     [v2] = admin.get("/models/tens/2").json()
     assert len(v2["workers"]) == 2
     assert admin.put("/models/tens/2", params={"min_worker": 3, "max_worker": 1}).status_code == 400
+    # refused before a 202 would promise it: out of range, or a "synchronous" not a bool
+    assert admin.put("/models/tens/2", params={"min_worker": 100000}).status_code == 400
+    r = admin.put("/models/tens/2", params={"min_worker": 1, "synchronous": "maybe"})
+    assert r.status_code == 400 and "true or false" in r.json()["error"]
     assert admin.put("/models/digits", params={"min_worker": 2}).status_code == 400
 
     x = [[[0.0] * 8] * 8]

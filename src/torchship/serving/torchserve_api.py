@@ -164,10 +164,13 @@ class TorchServeManagement:
         self._one_process("scale")
         min_worker = _int(params.get("min_worker"), "min_worker", 1)
         max_worker = _int(params.get("max_worker"), "max_worker", min_worker)
-        if min_worker < 0:
-            raise InvalidInputError("min_worker cannot be negative.")
+        if not 0 <= min_worker <= mar_models.MAX_WORKERS:
+            raise InvalidInputError(
+                f"min_worker must be between 0 and {mar_models.MAX_WORKERS}, got {min_worker}."
+            )
         if max_worker < min_worker:
             raise InvalidInputError("max_worker cannot be less than min_worker.")
+        synchronous = _flag(params.get("synchronous"))  # checked before a 202 is promised
         loaded = self._loaded(name, version or self.default_version(name))
         archive = mar_models.archive_of(loaded)
         if archive is None:
@@ -177,7 +180,7 @@ class TorchServeManagement:
                     "process, which cannot be scaled here.",
                     hint="Run more server processes instead (torchship serve --workers N).",
                 )
-        elif _flag(params.get("synchronous")):
+        elif synchronous:
             archive.scale(min_worker, max_worker)
         else:
             threading.Thread(
@@ -405,8 +408,11 @@ def _opt_int(value: str | None, name: str) -> int | None:
     return None if value is None or value == "" else _int(value, name, 0)
 
 
-def _flag(value: str | None) -> bool:
-    return (value or "").lower() in ("true", "1", "yes")
+def _flag(value: str | None, name: str = "synchronous") -> bool:
+    text = (value or "false").lower()
+    if text not in ("true", "1", "yes", "false", "0", "no"):
+        raise InvalidInputError(f"{name} must be true or false, got {value!r}.")
+    return text in ("true", "1", "yes")
 
 
 # --- TorchServe's paths on the management port ---------------------------------------------
