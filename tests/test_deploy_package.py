@@ -14,7 +14,7 @@ from serving_utils import ROOT
 
 from torchship.cli import main
 from torchship.deploy import pinned_requirements, write_package
-from torchship.deploy.package import MARKER
+from torchship.deploy.package import MARKER, package_tag
 from torchship.errors import ConfigError, IntegrityError, ModelNotFoundError
 from torchship.serving.settings import ServeSettings
 from torchship.settings import load_settings
@@ -45,6 +45,8 @@ def test_the_context_has_everything_the_projects_dockerfile_needs(store, tmp_pat
     record = json.loads((ctx / MARKER).read_text())
     assert record["model"] == "digits" and record["version"] == "1"
     assert record["files"] == info.files and len(info.files) >= 1
+    assert package_tag(ctx) == info.default_tag() == "torchship-digits:1"  # image build's
+    assert package_tag(tmp_path) is None
     # the server config the image starts with
     config = yaml.safe_load((ctx / "configs/serve.yaml").read_text())
     settings = load_settings(cls=ServeSettings, **config)

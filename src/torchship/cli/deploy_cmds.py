@@ -9,6 +9,7 @@ from typing import TypeAlias
 from rich.console import Console
 
 from torchship.cli._args import int_or_auto
+from torchship.errors import ConfigError
 from torchship.settings import load_settings
 from torchship.store import ModelStore
 
@@ -44,7 +45,9 @@ def register(sub: SubParsers) -> None:
     p.set_defaults(handler=cmd_image_base)
     p = isub.add_parser("build", help="buildah bud a context (repo root or a package folder)")
     p.add_argument("context", type=Path, help="build context folder")
-    p.add_argument("--tag", required=True)
+    p.add_argument(
+        "--tag", help="image tag (default for a package folder: torchship-MODEL:VERSION)"
+    )
     p.add_argument("--file", type=Path, help="Dockerfile (default CONTEXT/Dockerfile)")
     p.add_argument("--variant", default="cpu", help="TORCH_INDEX: cpu (default), cu128, ...")
     p.add_argument(
@@ -73,7 +76,8 @@ def cmd_package(args: argparse.Namespace) -> int:
     )
     for path, digest in info.files.items():
         console.print(f"  {path}  sha256 {digest[:16]}…")
-    console.print(f"build: docker build -t {info.default_tag()} {info.path}")
+    console.print(f"build: torchship image build {info.path}  (buildah, no Docker engine)")
+    console.print(f"   or: docker build -t {info.default_tag()} {info.path}")
     return 0
 
 
@@ -89,14 +93,21 @@ def cmd_image_base(args: argparse.Namespace) -> int:
 def cmd_image_build(args: argparse.Namespace) -> int:
     from torchship.deploy.base_image import BASE_IMAGE, ensure_base_image
     from torchship.deploy.image import build_image, default_wheelhouse, make_wheelhouse
+    from torchship.deploy.package import package_tag
 
+    tag = args.tag or package_tag(args.context)
+    if tag is None:
+        raise ConfigError(
+            f"{args.context} is not a folder `torchship package` wrote: name the image.",
+            hint="Add --tag NAME:TAG.",
+        )
     ensure_base_image(BASE_IMAGE)
     dockerfile = args.file or args.context / "Dockerfile"
     wheelhouse = None
     if args.offline:
         wheelhouse = make_wheelhouse(args.context / "requirements.txt", default_wheelhouse())
     result = build_image(
-        args.context, args.tag, dockerfile=dockerfile, variant=args.variant, wheelhouse=wheelhouse
+        args.context, tag, dockerfile=dockerfile, variant=args.variant, wheelhouse=wheelhouse
     )
     console.print(
         f"built {result.tag} ({result.image_id[:12]}, {result.size_bytes / 1e6:.0f} MB) "

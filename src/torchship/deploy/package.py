@@ -72,6 +72,15 @@ class PackageInfo:
         return f"torchship-{self.model}:{self.version}"
 
 
+def package_tag(context: Path) -> str | None:
+    """The default image tag of a folder ``torchship package`` wrote; None for others."""
+    try:
+        record = json.loads((context / MARKER).read_text())
+        return f"torchship-{record['model']}:{record['version']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def project_root() -> Path:
     """The source checkout torchship runs from (its Dockerfile and source go in a package)."""
     import torchship
