@@ -214,6 +214,12 @@ def _bad_requests() -> list[tuple[str, dict[str, object], int, str]]:
             400,
             "invalid_input",
         ),
+        (
+            "not an npy",
+            {"data": b"\x80\x04garbage", "headers": {"Content-Type": "application/x-npy"}},
+            400,
+            "invalid_input",
+        ),
         ("top_k zero", {"json": {"inputs": one, "top_k": 0}}, 400, "invalid_input"),
         (
             "top_k not a number (form)",
@@ -368,6 +374,10 @@ def test_open_inference_protocol_with_tritonclient(
         client.infer("digits", [bad])
     r = requests.post(f"{server}/v2/models/digits/infer", data=b"{not json", timeout=5)
     assert r.status_code == 400 and "error" in r.json()
+    misnamed = {"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32"}]}
+    misnamed["inputs"][0]["data"] = [0.0] * 64
+    r = requests.post(f"{server}/v2/models/digits/infer", json=misnamed, timeout=5)
+    assert r.status_code == 400 and "no input named 'x'" in r.json()["error"]
     r = requests.get(f"{server}/v2/models/cats", timeout=5)
     assert r.status_code == 404 and "error" in r.json()
     client.close()

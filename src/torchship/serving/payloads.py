@@ -57,6 +57,11 @@ def from_bytes(body: bytes, content_type: str | None) -> Payload:
 
 
 def load_npy(body: bytes) -> np.ndarray:
+    if not body.startswith(b"\x93NUMPY"):  # else numpy reads it as a pickle, and refuses
+        raise InvalidInputError(
+            "The body is not a .npy file (it lacks numpy's magic string).",
+            hint="Send the bytes numpy.save writes, with Content-Type application/x-npy.",
+        )
     try:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except ValueError as exc:

@@ -47,6 +47,9 @@ def v2_server_metadata() -> dict[str, Any]:
     return v2.server_metadata("torchship", __version__, V2_EXTENSIONS)
 
 
+V2_INPUT = "input"  # the one input every model takes over the V2 protocol
+
+
 def v2_model_metadata(service: InferenceService, loaded: LoadedModel) -> dict[str, Any]:
     spec = loaded.predictor.input_spec
     shape = [-1, *spec.shape] if spec else [-1]
@@ -56,7 +59,7 @@ def v2_model_metadata(service: InferenceService, loaded: LoadedModel) -> dict[st
         loaded.name,
         service.versions(loaded.name),
         PLATFORMS.get(loaded.predictor.runtime, "pytorch"),
-        [("input", "FP32", shape)],
+        [(V2_INPUT, "FP32", shape)],
         [(name, "FP32", n_out) for name in outputs[:1]],
     )
 
@@ -83,6 +86,11 @@ def v2_decode(
             hint="Send one input named 'input'.",
         )
     tensor = request.inputs[0]
+    if tensor.name != V2_INPUT:  # as Triton does: a misnamed input is a client error
+        raise InvalidInputError(
+            f"{loaded.name} has no input named {tensor.name!r}; its input is {V2_INPUT!r}.",
+            hint=f"GET /v2/models/{loaded.name} lists the inputs.",
+        )
     spec = loaded.predictor.input_spec
     if tensor.datatype == "BYTES":
         if spec is None or spec.kind != "image":
