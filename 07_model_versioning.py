@@ -4,8 +4,9 @@ What you will see, against a real torchship server on a free local port:
   1. two versions of the digits model in the store (a CNN and an MLP), with stages;
   2. an A/B test: traffic split 50/50, sticky per user, measured accuracy and latency
      of each version side by side;
-  3. a canary of a deliberately broken version: 10% -> 50% -> 100%, guarded by an SLO;
-     it breaches and rolls back by itself, and the history records why;
+  3. canaries planned 10% -> 50% -> 100%, each step a few seconds, guarded by an SLO:
+     a healthy version walks the steps to 100%; a deliberately broken one breaches
+     its SLO at 10% and rolls back by itself, and the history records why;
   4. a manual promotion and rollback, and the model's audit trail.
 
 Run: python 07_model_versioning.py   (offline, ~40 s; starts and stops its own server)
@@ -43,7 +44,7 @@ for arch in ("cnn", "mlp"):
     )
     say(f"saved {m.ref} ({arch}), offline test accuracy {result.test_accuracy:.2%}")
 # It passes warm-up, then fails 35% of batches: a bug that only production load shows.
-broken = FaultyDigits(fail_rate=0.35, healthy_calls=100)
+broken = FaultyDigits(fail_rate=0.35, healthy_calls=20)
 broken.load_state_dict(result.model.state_dict())
 m3 = store.save(
     broken,
@@ -94,15 +95,16 @@ try:
         time.sleep(0.05)
     say(f"server ready at {base}; the management API is under /manage")
 
-    def send(n: int, users: int = 200) -> dict[str, dict[str, float]]:
-        """n requests of real test digits from `users` users; per-version tallies."""
+    def send(n: int, users: int = 200, first: int = 0) -> dict[str, dict[str, float]]:
+        """n requests of real test digits from `users` users (starting at user `first`);
+        per-version tallies."""
         tally: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for i in range(n):
-            j = i % len(data.x_test)
+            j = (first + i) % len(data.x_test)
             r = requests.post(
                 f"{base}/predict",
                 json={"inputs": data.x_test[j].tolist(), "top_k": 1},
-                headers={"X-User-ID": f"user-{i % users}"},
+                headers={"X-User-ID": f"user-{(first + i) % users}"},
                 timeout=30,
             )
             version = r.headers.get("X-Model-Version", "?")
@@ -147,45 +149,55 @@ try:
     }
     say(f"user-7 asked 5 more times and always got version {again}")
 
-    section("4. Canary of the broken version 3, guarded by an SLO")
+    def canary(baseline: str, candidate: str, reason: str) -> None:
+        """Start a canary and send traffic in rounds until it completes or rolls back."""
+        requests.put(
+            f"{manage}/policy",
+            timeout=10,
+            json={
+                "kind": "canary",
+                "baseline": baseline,
+                "candidate": candidate,
+                "steps": [10, 50, 100],
+                "advance": "schedule",
+                "interval_s": 2,
+                "slo": {
+                    "max_error_rate_increase": 0.02,
+                    "max_p99_ratio": 3.0,
+                    "window_s": 60,
+                    "min_samples": 20,
+                },
+                "reason": reason,
+            },
+        ).raise_for_status()
+        for round_ in range(30):  # about a second each: two rounds per step
+            began = time.monotonic()
+            tally = send(60, users=1000, first=60 * round_)
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - began)))
+            state = requests.get(f"{manage}/policy", timeout=10).json()
+            policy = state["policy"]
+            where = f"{policy['kind']}" + (
+                f" at {state['canary']['percent']}%"
+                if policy["kind"] == "canary"
+                else f" on v{policy.get('version')}"
+            )
+            shares = {v: int(t["requests"]) for v, t in sorted(tally.items())}
+            errors = int(sum(t["errors"] for t in tally.values()))
+            say(f"  round {round_ + 1}: {shares} errors {errors} -> policy {where}")
+            if policy["kind"] != "canary":
+                break
+
+    section("4. Canaries: a healthy v2, then a broken v3, each guarded by an SLO")
     requests.put(
         f"{manage}/policy", json={"kind": "fixed", "version": "1", "reason": "A/B over"}, timeout=10
     )
+    say("v2 (the MLP): the SLO holds, so the canary walks 10% -> 50% -> 100% and completes")
+    canary("1", "2", "release v2")
+    last = requests.get(f"{manage}/history", timeout=10).json()["history"][-1]
+    say(f"[bold]{last['kind']}[/]: {last['reason']}")
     requests.post(f"{manage}/versions/3/load", timeout=60).raise_for_status()
-    requests.put(
-        f"{manage}/policy",
-        timeout=10,
-        json={
-            "kind": "canary",
-            "baseline": "1",
-            "candidate": "3",
-            "steps": [10, 50, 100],
-            "advance": "schedule",
-            "interval_s": 3,
-            "slo": {
-                "max_error_rate_increase": 0.02,
-                "max_p99_ratio": 3.0,
-                "window_s": 60,
-                "min_samples": 20,
-            },
-            "reason": "release v3",
-        },
-    ).raise_for_status()
-    for round_ in range(20):
-        tally = send(100, users=1000)
-        state = requests.get(f"{manage}/policy", timeout=10).json()
-        policy = state["policy"]
-        where = f"{policy['kind']}" + (
-            f" at {state['canary']['percent']}%"
-            if policy["kind"] == "canary"
-            else f" on v{policy.get('version')}"
-        )
-        say(
-            f"  round {round_ + 1}: {dict((v, int(t['requests'])) for v, t in tally.items())} "
-            f"errors {int(sum(t['errors'] for t in tally.values()))} -> policy {where}"
-        )
-        if policy["kind"] != "canary":
-            break
+    say("v3 (fails a share of its requests): it breaches the SLO and rolls back by itself")
+    canary("2", "3", "release v3")
     last = requests.get(f"{manage}/history", timeout=10).json()["history"][-1]
     say(f"[bold]{last['kind']}[/]: {last['reason']}")
 

@@ -30,6 +30,7 @@ EXPECT = {
     "03_onnx_export.py": ["max |onnxruntime - eager|", "nothing is stored", "runtime auto picked"],
     "07_model_versioning.py": [
         "A/B results",
+        "complete: scheduled",  # the healthy canary walks to 100%
         "rollback: SLO breach",
         "production is now v1",
         "server stopped (exit 0)",
