@@ -1,9 +1,10 @@
 """Lesson 05 — High-performance serving with FastAPI.
 
 What you will see:
-  1. the same InferenceService as lesson 04, now behind FastAPI (async routes: decoding
-     runs in a worker thread, inference on the dynamic batcher's thread, the event
-     loop stays free);
+  1. the same InferenceService as lesson 04, now behind FastAPI (async routes: image
+     decoding runs in a worker thread; a model as small as the digits one is batched
+     right on the event loop, since a thread hop would cost more than the model, while
+     bigger models run on the dynamic batcher's thread: /models says which);
   2. request validation with Pydantic and the automatic OpenAPI docs at /docs;
   3. concurrent requests batched together (watch the batch-size numbers);
   4. then it serves on http://localhost:8000 until you press Ctrl-C.
@@ -70,13 +71,17 @@ async def tour() -> None:
         )
         info = (await client.get("/models")).json()["models"][0]
         metrics = (await client.get("/metrics")).text
-        count = next(
-            ln for ln in metrics.splitlines() if ln.startswith("torchship_batch_size_count")
-        )
-        total = next(ln for ln in metrics.splitlines() if ln.startswith("torchship_batch_size_sum"))
+
+        def counter(prefix: str) -> int:
+            return int(
+                float(next(ln for ln in metrics.splitlines() if ln.startswith(prefix)).split()[-1])
+            )
+
+        batches, items = counter("torchship_batch_size_count"), counter("torchship_batch_size_sum")
         say(
-            f"max_batch_size chosen at warm-up: {info['max_batch_size']}; "
-            f"batches run: {count.split()[-1]}, items: {total.split()[-1]}"
+            f"max_batch_size chosen at warm-up: {info['max_batch_size']}, batches on the "
+            f"{info['batches_on']}; since start: {items} items in {batches} batches "
+            f"(the 64 above and the requests before them)"
         )
 
 

@@ -96,3 +96,5 @@ def test_serving_lessons_answer_the_modules_curl_command(
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out.decode()
     assert b"stopped." in out
+    if lesson.startswith("05"):
+        assert b"batches on the event loop" in out and b"items in" in out
