@@ -248,6 +248,12 @@ def test_pick_is_the_fastest_within_budget_and_faster_than_the_parent() -> None:
     assert picked is not None and picked.method == "b"
     picked, why = pick_within_budget([parent, row("c", 0.0, 0.9)], 1.0)
     assert picked is None and "none is faster than the parent" in why
+    picked, why = pick_within_budget([parent, row("tie", 0.0, 1.02)], 1.0)  # noise, not a win
+    assert picked is None and "1.05x or more" in why
+    slow_alone = row("batched", 0.0, 1.5)
+    slow_alone.latency_speedup = 0.8
+    picked, why = pick_within_budget([parent, slow_alone], 1.0)
+    assert picked is slow_alone and "slower than the parent on single requests (0.80x" in why
 
 
 def test_static_ort_distill_and_bf16_versions_load_and_agree(
