@@ -195,6 +195,23 @@ def test_access_lines_truncate_and_describe_bodies() -> None:
     assert r.response_body == "<1,234 bytes image/png>"
 
 
+def test_access_line_levels_keep_error_for_the_servers_faults() -> None:
+    log, cap = _access()
+    for status, path in (
+        (200, "/predict"),
+        (500, "/predict"),
+        (503, "/predict"),
+        (503, "/health/ready"),
+    ):
+        log.log(_rec(status, path=path))
+    assert [r.levelno for r in cap.records] == [
+        logging.INFO,  # served
+        logging.ERROR,  # the server's fault
+        logging.WARNING,  # not ready, draining, queue full: a state, not a fault
+        logging.INFO,  # a readiness probe asked exactly that
+    ]
+
+
 def test_sampling_keeps_errors_and_a_fraction_of_successes() -> None:
     log, cap = _access(sample_rate=0.25, rng=random.Random(7))
     for _ in range(400):

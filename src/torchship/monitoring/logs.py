@@ -361,7 +361,7 @@ class AccessLog:
                     r.response_body, r.response_type, r.response_bytes, True
                 )
         where = f" {r.model}:{r.version}" if r.model else ""
-        level = logging.ERROR if r.status >= 500 else logging.INFO
+        level = _level(r.status, r.path)
         # makeRecord + handle, as Logger.log would, minus its caller lookup (a walk up
         # the stack for a file and line that are always this one): a share of a small
         # request. Filters, handlers and formatters apply as usual.
@@ -425,3 +425,15 @@ def error_code(body: bytes | None) -> str | None:
         return None
     code = data.get("code") if isinstance(data, dict) else None
     return code if isinstance(code, str) and len(code) <= 64 else None
+
+
+_PROBES = ("/health/", "/v2/health/", "/ping")
+
+
+def _level(status: int, path: str) -> int:
+    """An access line's level: errors are the server's faults. A 503 is a state, not a
+    fault (warming up, draining, a full queue): a warning, and for a health probe, which
+    asks exactly that, plain information."""
+    if status == 503:
+        return logging.INFO if path.startswith(_PROBES) else logging.WARNING
+    return logging.ERROR if status >= 500 else logging.INFO
