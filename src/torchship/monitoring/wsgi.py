@@ -4,6 +4,7 @@ as :mod:`torchship.monitoring.asgi`, as Flask hooks that run first (before any o
 
 from __future__ import annotations
 
+import re
 import time
 from typing import IO, Any
 
@@ -45,7 +46,20 @@ class _TeeInput:
         self.raw.close()
 
 
+_CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+
+
+def _template(rule: str) -> str:
+    """Werkzeug's ``/predictions/<name>`` as Starlette writes it, ``/predictions/{name}``:
+    one endpoint label whichever front end served it (dashboards match on it)."""
+    return _CONVERTER.sub(r"{\1}", rule)
+
+
 def _endpoint(app: Flask) -> str:
+    return _template(_rule(app))
+
+
+def _rule(app: Flask) -> str:
     if request.url_rule is not None:
         return request.url_rule.rule
     # Refused before routing (405: the path exists for another method): the rule anyway.
