@@ -34,9 +34,9 @@ def _add_store_arg(p: argparse.ArgumentParser) -> None:
 def register(sub: SubParsers) -> None:
     p = sub.add_parser("train-demo", help="train the default digits model and store it")
     _add_store_arg(p)
-    p.add_argument("--name", default="digits")
-    p.add_argument("--arch", choices=["cnn", "mlp"], default="cnn")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--name", default="digits", help="model name in the store (default digits)")
+    p.add_argument("--arch", choices=["cnn", "mlp"], default="cnn", help="the zoo model to train")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the model's own)")
     p.add_argument("--alias", default="production", help="alias to point at the new version")
     p.add_argument("--no-export", action="store_true", help="skip TorchScript/ONNX export")
     p.add_argument("--if-missing", action="store_true", help="do nothing if the model exists")
