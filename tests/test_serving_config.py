@@ -45,6 +45,12 @@ def test_bad_settings_are_config_errors(tmp_path: Path) -> None:
         load_settings(bad, cls=ServeSettings)
     with pytest.raises(ConfigError, match="Invalid settings"):
         load_settings(cls=ServeSettings, framework="django")
+    # one line per mistake, naming the field and the value, no documentation links
+    with pytest.raises(ConfigError) as bad_limit:
+        load_settings(cls=ServeSettings, rate_limits={"inference": "abc"})
+    message = str(bad_limit.value)
+    assert "rate_limits.inference.rate:" in message and "(got 'abc')" in message
+    assert "burst" not in message and "errors.pydantic.dev" not in message
 
 
 def test_workers_and_threads_never_oversubscribe() -> None:

@@ -68,5 +68,24 @@ def load_settings(
     explicit = {k: v for k, v in overrides.items() if v is not None}
     try:
         return cls(**(from_file | explicit))
-    except (ValidationError, SettingsError) as exc:
+    except ValidationError as exc:
+        raise ConfigError(f"Invalid settings: {describe_errors(exc)}") from exc
+    except SettingsError as exc:
         raise ConfigError(f"Invalid settings: {exc}") from exc
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """pydantic's errors as one line each, ``field: what is wrong (got X)``, without its
+    documentation links; a value that failed a field's first check is named once."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in error["loc"]) or "settings"
+        parent = where.rsplit(".", 1)[0]
+        if error["type"] == "missing" and parent in seen:
+            continue  # "burst missing" after "rate unreadable": one mistake, said once
+        seen.add(parent)
+        got = error.get("input")
+        shown = "" if error["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{where}: {error['msg']}{shown}")
+    return "; ".join(lines)
