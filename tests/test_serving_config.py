@@ -237,6 +237,17 @@ def test_a_model_that_fails_to_load_is_reported_and_the_others_serve(
         assert service.predict(ImagePayload(SAMPLE.read_bytes())).model == "digits"
     finally:
         service.stop()
+    # an archive that fails to load keeps the server not ready too
+    (tmp_path / "bad.mar").write_bytes(b"not a zip")
+    with_archive = ServeSettings(
+        store=root, models=["digits", "bad=bad.mar"], model_store=tmp_path, runtime="eager"
+    )
+    service = InferenceService(with_archive).start()
+    try:
+        ready, body = service.readiness()
+        assert not ready and "not a model archive" in body["load_errors"]["bad=bad.mar"]
+    finally:
+        service.stop()
     only_broken = ServeSettings(
         store=root, models=["other"], runtime="eager", handlers={"other": f"{broken}:Broken"}
     )

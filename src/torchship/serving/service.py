@@ -173,6 +173,7 @@ class InferenceService:
         self.admin_lock = threading.RLock()  # serialises load/unload/policy changes
         self.traffic = Traffic(self.store, admin_lock=self.admin_lock)
         self.load_errors: dict[str, str] = {}
+        self._failed_at_start: set[str] = set()  # configured refs that did not load
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -192,12 +193,14 @@ class InferenceService:
                 return self
             try:
                 self.load(ref, threads=threads)
-            except TorchshipError as exc:
-                self.load_errors[ref] = str(exc)
-                log.error("%s was not loaded: %s", ref, exc)
             except Exception as exc:
-                self.load_errors[ref] = f"{type(exc).__name__}: {exc}"
-                log.exception("%s was not loaded", ref)
+                self._failed_at_start.add(ref)
+                if isinstance(exc, TorchshipError):
+                    self.load_errors[ref] = str(exc)
+                    log.error("%s was not loaded: %s", ref, exc)
+                else:
+                    self.load_errors[ref] = f"{type(exc).__name__}: {exc}"
+                    log.exception("%s was not loaded", ref)
         if self._stopping:
             return self
         for name in self._order:
@@ -262,6 +265,16 @@ class InferenceService:
         return True
 
     def load(
+        self, ref: str, *, threads: int | None = None, handler: Handler | None = None
+    ) -> LoadedModel:
+        """Load, warm up and put ``ref`` into service; a start-up failure of the same ref
+        is forgotten once it loads (e.g. through the management API)."""
+        loaded = self._load(ref, threads=threads, handler=handler)
+        self._failed_at_start.discard(ref)
+        self.load_errors.pop(ref, None)
+        return loaded
+
+    def _load(
         self, ref: str, *, threads: int | None = None, handler: Handler | None = None
     ) -> LoadedModel:
         if archive_spec(ref) is not None:  # a TorchServe .mar: its own handler serves it
@@ -790,6 +803,7 @@ class InferenceService:
         status = {f"{m.name}:{m.version}": m.ready for m in models}
         ready = (
             self._started
+            and not self._failed_at_start  # archives too, which the count below skips
             and not self.draining
             and bool(models)
             and all(status.values())
