@@ -145,9 +145,10 @@ def _sockets(config: uvicorn.Config, settings: ServeSettings) -> list[socket.soc
     """
     configs = [config]
     if settings.management_port:
-        configs.append(
-            uvicorn.Config(config.app, host=settings.host, port=settings.management_port)
-        )
+        # the same options (uvicorn.Config applies its own logging setup unless told not
+        # to: that put uvicorn's default format back on every line)
+        options = {**_uvicorn_options(settings), "port": settings.management_port}
+        configs.append(uvicorn.Config(config.app, **options))
     sockets = [c.bind_socket() for c in configs]
     for sock in sockets:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
