@@ -70,8 +70,10 @@ try:
     safe_torch_load(work / "innocent_looking.pth")  # torch.load(..., weights_only=True)
 except UntrustedPickleError as exc:
     say(f"[green]refused[/]: {exc.message}")
-say("With weights_only=False the hidden code would have run on load. torchship never does that")
-say("unless you pass trust_pickle=True for a file you made yourself.")
+say(
+    "With weights_only=False the hidden code would have run on load. torchship never does "
+    "that unless you pass trust_pickle=True for a file you made yourself."
+)
 
 section("4. The ModelStore: versions + manifest + checksums + atomic writes")
 store = ModelStore(work / "models")
