@@ -367,10 +367,10 @@ def test_tgz_and_no_archive_formats_serve_like_the_mar(
             store, formats, f"img_{fmt.replace('-', '_')}", "1.0", HANDLERS / "digits_image.py", fmt
         )
     found = find_archives(formats)
-    assert found == ["img_default.mar", "img_no_archive", "img_tgz.tar.gz"]
+    assert found == ["img_default.mar", "img_no_archive=img_no_archive", "img_tgz.tar.gz"]
     settings = ServeSettings(
         store=store.root,
-        models=["img_default.mar", "img_tgz.tar.gz", "img_no_archive=img_no_archive"],
+        models=found,  # what --models all serves
         model_store=formats,
         management_port=MGMT,
         warmup=False,

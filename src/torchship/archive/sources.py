@@ -381,13 +381,15 @@ def is_archive_name(name: str) -> bool:
 
 
 def find_archives(folder: Path) -> list[str]:
-    """What ``--models all`` loads from a model store: every archive file and every
-    folder holding ``MAR-INF/MANIFEST.json``, by name, hidden ones skipped."""
+    """What ``--models all`` loads from a model store, as ``--models`` specs: every archive
+    file by name, and every folder holding ``MAR-INF/MANIFEST.json`` as ``NAME=NAME`` (a
+    bare name is a store model); hidden ones skipped."""
     found = []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
-        packed = entry.is_file() and is_archive_name(entry.name)
-        if packed or (entry.is_dir() and (entry / "MAR-INF" / "MANIFEST.json").is_file()):
+        if entry.is_file() and is_archive_name(entry.name):
             found.append(entry.name)
+        elif entry.is_dir() and (entry / "MAR-INF" / "MANIFEST.json").is_file():
+            found.append(f"{entry.name}={entry.name}")
     return found
