@@ -235,6 +235,14 @@ def test_a_model_that_fails_to_load_is_reported_and_the_others_serve(
         ready, body = service.readiness()
         assert not ready and "no GPU kernel" in body["load_errors"]["other"]
         assert service.predict(ImagePayload(SAMPLE.read_bytes())).model == "digits"
+        # a typo in a later load is a 404 for its caller, not a reason for the probe
+        from fastapi.testclient import TestClient
+
+        from torchship.serving.fastapi_app import create_app
+
+        client = TestClient(create_app(service=service))
+        assert client.post("/manage/models/digits/versions/9/load").status_code == 404
+        assert list(client.get("/health/ready").json()["load_errors"]) == ["other"]
     finally:
         service.stop()
     # an archive that fails to load keeps the server not ready too

@@ -301,6 +301,10 @@ def test_stages_promote_rollback_and_history(store, quick_mlp, digits_data) -> N
     assert all("at" in r for r in log)
     with pytest.raises(InvalidInputError):
         stages.rollback(store, "digits", to="3")
+    # promoting what is already in production changes nothing a rollback relies on
+    stages.promote(store, "digits", "2", reason="v2")
+    stages.promote(store, "digits", "2", reason="again")
+    assert stages.rollback(store, "digits", reason="undo")["to"] == "3"
 
 
 def test_manifests_cannot_point_outside_their_folder(

@@ -811,8 +811,9 @@ class InferenceService:
             >= len({parse_ref(r)[0] for r in self.settings.models if archive_spec(r) is None})
         )
         body: dict[str, Any] = {"ready": ready, "draining": self.draining, "models": status}
-        if self.load_errors:
-            body["load_errors"] = dict(self.load_errors)
+        failed = {r: self.load_errors[r] for r in self._failed_at_start if r in self.load_errors}
+        if failed:  # why it is not ready; later failures (a typo in a load) are in /status
+            body["load_errors"] = failed
         return ready, body
 
     def check_ready(self) -> None:

@@ -121,6 +121,7 @@ def _previous_production(records: list[dict[str, Any]], current: str | None) -> 
             record.get("action") == "promote"
             and record.get("stage") == "production"
             and record.get("version") == current
+            and record.get("previous_production") != current  # a no-op promote: look on
         ):
             return record.get("previous_production")
         if record.get("action") == "rollback" and record.get("to") == current:
