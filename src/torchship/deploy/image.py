@@ -101,6 +101,7 @@ def build_image(
         "--format",
         "docker",
         "--layers",
+        "--force-rm",  # a failed step leaves no working container behind
         "--file",
         str(dockerfile),
         "--tag",
@@ -122,7 +123,15 @@ def build_image(
     if quiet:
         cmd.append("--quiet")
     start = time.monotonic()
-    run([*cmd, str(context)], what=f"buildah bud {tag}", timeout=3600)
+    try:
+        run([*cmd, str(context)], what=f"buildah bud {tag}", timeout=3600)
+    except ToolFailedError as exc:
+        if wheelhouse is None:  # most often: no index (or its certificates) from the build
+            exc.hint = (
+                f"{exc.hint} If pip could not reach its index from inside the build, "
+                "build with --offline: the wheels are downloaded here and mounted."
+            )
+        raise
     seconds = time.monotonic() - start
     info = inspect_image(tag)
     return BuildResult(tag, str(info["Id"]), seconds, int(info.get("Size", 0)))
