@@ -1021,3 +1021,35 @@ def test_worker_processes_keep_one_shape_per_handler_metric(tmp_path: Path) -> N
     assert families["torchship_handler_hits2"].samples[0].value == 5.0
     prepare_multiprocess_dir(folder)  # a new server: shapes are free again
     assert worker("counter:load:") == ""
+
+
+def test_an_archive_keeps_its_traffic_state_apart_from_a_store_model_of_its_name(
+    workspace: tuple[ModelStore, Path], tmp_path: Path
+) -> None:
+    """`torchship archive --model digits` makes digits.mar; served alone, its set-default
+    must not rewrite the store's digits policy (the next `serve --model digits` would
+    restore a version the store does not have)."""
+    import shutil
+
+    store, _ = workspace
+    root = Path(shutil.copytree(store.root, tmp_path / "models"))
+    model_store = tmp_path / "model_store"
+    build_archive(ModelStore(root), "digits", handler="image", export_path=model_store)
+    build_archive(
+        ModelStore(root), "digits", handler="image", export_path=model_store, version="2.0",
+        overwrite=True,
+    )  # fmt: skip
+    (model_store / "digits.mar").rename(model_store / "digits_v2.mar")
+    build_archive(ModelStore(root), "digits", handler="image", export_path=model_store)
+    settings = ServeSettings(
+        store=root,
+        models=["digits=digits.mar", "digits=digits_v2.mar"],
+        model_store=model_store,
+        management_port=MGMT,
+        warmup=False,
+    )
+    with TestClient(create_app(settings, load_in_background=False)) as c:
+        admin = TestClient(c.app, base_url=f"http://testserver:{MGMT}")
+        assert admin.put("/models/digits/2.0/set-default").status_code == 200
+    assert not (root / "digits" / "policy.json").exists()
+    assert json.loads((model_store / ".torchship" / "digits" / "policy.json").read_text())

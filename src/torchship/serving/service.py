@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -204,7 +205,12 @@ class InferenceService:
         if self._stopping:
             return self
         for name in self._order:
-            self.traffic.attach(name, self._defaults[name], functools.partial(self._ensure, name))
+            self.traffic.attach(
+                name,
+                self._defaults[name],
+                functools.partial(self._ensure, name),
+                self._archive_state(name),
+            )
         self.traffic.start()
         if self.settings.gc_freeze:
             gc.freeze()  # see ServeSettings.gc_freeze: no 100 ms full collections later
@@ -384,11 +390,26 @@ class InferenceService:
                 self._order.append(name)
         self._fingerprints[(name, version)] = model_fingerprint(loaded)
         if new_name and self._started:
-            self.traffic.attach(name, version, functools.partial(self._ensure, name))
+            self.traffic.attach(
+                name, version, functools.partial(self._ensure, name), self._archive_state(name)
+            )
         if old is not None:
             old.retire(self.settings.graceful_timeout_s)
             self._invalidate(name, version)
         self.metrics.model_loaded(name, version, loaded.load_seconds)
+
+    def _archive_state(self, name: str) -> Path | None:
+        """Where an archive model keeps its traffic policy and history: beside the
+        archives, in ``.torchship/NAME`` (hidden from ``--models all``); None for a store
+        model (its own folder in the store)."""
+        from torchship.serving.mar_models import archive_of
+
+        loaded = self._models.get((name, self._defaults[name]))
+        archive = archive_of(loaded) if loaded is not None else None
+        if archive is None:
+            return None
+        base = self.settings.model_store or archive.info.path.parent
+        return Path(base) / ".torchship" / name
 
     def unload(self, name: str, version: str, *, remove_model: bool = False) -> None:
         """Stop serving one version: out of routing first, then its queue drains.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from torchship.rollout import (
     FixedPolicy,
@@ -45,10 +46,18 @@ class Traffic:
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 
-    def attach(self, name: str, default: str, ensure_loaded: Callable[[str], bool]) -> Router:
+    def attach(
+        self,
+        name: str,
+        default: str,
+        ensure_loaded: Callable[[str], bool],
+        folder: Path | None = None,
+    ) -> Router:
         """Restore ``name``'s persisted policy if every version in it can be loaded,
-        else route everything to ``default``."""
-        folder = self.store.root / name
+        else route everything to ``default``. The policy and history live in the store's
+        folder of the model, or in ``folder`` (TorchServe archives: never the store's,
+        where a store model of the same name keeps its own)."""
+        folder = folder or self.store.root / name
         policy_file = PolicyFile(folder / POLICY_FILE)
         history = HistoryLog(folder / HISTORY_FILE)
         record = policy_file.load()
