@@ -286,3 +286,26 @@ def test_management_port_needs_the_admin_scope_too(
         assert requests.get(f"{manage}/health/ready", timeout=10).status_code == 200
         assert requests.post(f"{base}/predict", json=ONE, headers=infer, timeout=10).ok
         assert requests.post(f"{base}/predict", json=ONE, timeout=10).status_code == 401
+
+
+def test_keys_new_prints_the_secret_once_and_files_only_its_digest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torchship.cli import main
+
+    path = tmp_path / "keys.yaml"
+    assert main(["keys", "new", "--name", "web", "--file", str(path)]) == 0
+    web = capsys.readouterr().out.strip()
+    assert (
+        main(["keys", "new", "--name", "ops", "--scopes", "inference+admin", "--file", str(path)])
+        == 0
+    )
+    ops = capsys.readouterr().out.strip()
+    text = path.read_text()
+    assert web not in text and ops not in text and digest(web).hex() in text
+    store = KeyStore.from_specs([], path)
+    assert store is not None
+    assert store.authenticate({"x-api-key": web}).scopes == {"inference"}
+    assert store.authenticate({"authorization": f"Bearer {ops}"}).scopes == {"inference", "admin"}
+    assert main(["keys", "new", "--name", "web", "--file", str(path)]) == 2  # taken
+    assert "already has a key named 'web'" in capsys.readouterr().err

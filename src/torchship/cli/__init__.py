@@ -48,6 +48,7 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "torchship.cli.archive_cmds",
         "torchship.cli.torchserve_cmds",
         "torchship.cli.optimize_cmds",
+        "torchship.cli.keys_cmds",
     ):
         try:
             mod = importlib.import_module(module)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TypeAlias
+
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def int_or_auto(value: str) -> int | str:
