@@ -118,9 +118,12 @@ say(
 
 section("5. The same from the command line, and on many machines")
 store_arg = f"--store {store.root}"
-say(f"torchship batch {store_arg} --model digits --input {images} --output preds.parquet")
+say(f"torchship batch {store_arg} --model digits --input {images} --output {work}/preds.parquet")
 say("   ... killed? run the same command again with --resume")
-say("torchship batch --model digits --input listing.jsonl --output preds.csv --engine ray")
+say(
+    f"torchship batch {store_arg} --model digits --input {images} "
+    f"--output {work}/preds.csv --engine ray"
+)
 say(
     "   Ray Data runs the same preprocessing and model on an actor pool "
     + escape("(pip install 'torchship[ray]') ")

@@ -72,7 +72,10 @@ class Client:
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, Any], Any]:
         kwargs: dict[str, Any] = {"headers": headers or {}}
-        if body is not None:
+        if isinstance(body, bytes):  # a raw body, sent as JSON whatever it holds
+            kwargs["headers"] = {"Content-Type": "application/json", **kwargs["headers"]}
+            kwargs["content" if self.framework == "fastapi" else "data"] = body
+        elif body is not None:
             kwargs["json"] = body
         r = getattr(self._c, method)(path, **kwargs)
         data = r.json() if self.framework == "fastapi" else r.get_json()
@@ -236,6 +239,8 @@ def test_promote_rollback_unload_through_the_api(served: tuple[InferenceService,
         "put", "/manage/models/digits/policy", {"kind": "split", "weights": {"1": -1}}
     )
     assert status == 400 and body["code"] == "invalid_policy"
+    status, body, _ = client.call("put", "/manage/models/digits/policy", b"{not json")
+    assert status == 400 and "JSON" in body["error"] and "body.0" not in body["error"]
     assert client.call("get", "/manage/models/cats/policy")[0] == 404
     assert client.call("post", "/manage/models/digits/versions/9/load")[0] == 404
 

@@ -185,9 +185,12 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):  # not the body.0 field path
+            (first,) = [e for e in errors if e.get("type") == "json_invalid"][:1]
+            details = f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'syntax')})"
+        else:
+            details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
         status, body, headers = error_response(InvalidInputError(f"Invalid request: {details}"))
         return JSONResponse(body, status_code=status, headers=headers)
 
