@@ -25,6 +25,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ class Member:
     ref: Any  # the reader's own handle (ZipInfo, TarInfo, Path)
 
 
-class Source:
+class Source(ABC):
     """An opened archive. Use as a context manager."""
 
     format: Format
@@ -133,18 +134,18 @@ class Source:
         if m.encrypted:
             raise UnsafeArchiveError(f"{name} was refused: entry {m.raw_name!r} is encrypted.")
 
-    def open(self, member: Member) -> IO[bytes]:
-        raise NotImplementedError
+    @abstractmethod
+    def open(self, member: Member) -> IO[bytes]: ...
 
     def stored_bytes(self) -> int:
         """The archive's size on disk (for the whole-archive compression ratio)."""
         return self.path.stat().st_size
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 (a folder has nothing to close)
+        """Release what the reader holds open."""
 
-    def _scan(self) -> Iterator[Member]:
-        raise NotImplementedError
+    @abstractmethod
+    def _scan(self) -> Iterator[Member]: ...
 
     def __enter__(self) -> Source:
         return self
