@@ -7,6 +7,7 @@ import importlib.util
 import io
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -83,9 +84,11 @@ def true_label(row: Row) -> str:
 
 
 def test_folder_rows_in_input_order_with_failure_rows(
-    model_store: ModelStore, images: Path, tmp_path: Path
+    model_store: ModelStore, images: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    summary = run(model_store, images, tmp_path / "out.csv")
+    with caplog.at_level(logging.WARNING, logger="torchship.batch"):
+        summary = run(model_store, images, tmp_path / "out.csv")
+    assert "1 other file ignored: not images or .npy" in caplog.text  # README.txt, said
     rows = read_rows(tmp_path / "out.csv")
     assert summary.complete and summary.total == N_IMAGES + 2 == len(rows)
     assert summary.items == len(rows) and summary.failures == 2 and summary.skipped == 0

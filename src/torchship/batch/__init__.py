@@ -161,6 +161,8 @@ def run(
     last = total if stop_after is None else min(total, first + stop_after)
     indices = range(first, last)
     logger.info("%s: %d to do, %d already committed", source.describe(), len(indices), first)
+    if getattr(source, "ignored", 0):  # a folder's other files: said, so none vanish unseen
+        logger.warning("%s", source.describe())
 
     from torchship.batch.engine_local import available_cores
 

@@ -116,16 +116,26 @@ class ImageFolder(Source):
 
     def __init__(self, root: Path) -> None:
         found: list[str] = []
+        self.ignored = 0  # files that are neither images nor .npy: said, not read
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = Path(dirpath).relative_to(root)
             for name in filenames:
                 suffix = os.path.splitext(name)[1].lower()
-                if name.startswith(".") or (suffix not in IMAGE_SUFFIXES and suffix != ".npy"):
+                if name.startswith("."):
+                    continue
+                if suffix not in IMAGE_SUFFIXES and suffix != ".npy":
+                    self.ignored += 1
                     continue
                 found.append((rel / name).as_posix())
         found.sort()
         super().__init__(root, Strings(found))
+
+    def describe(self) -> str:
+        text = super().describe()
+        if self.ignored:
+            text += f" ({self.ignored:,} other file{'s' if self.ignored > 1 else ''} ignored: not images or .npy)"
+        return text
 
     def read(self, i: int) -> Payload:
         return read_file(self.path / self.ids[i])
