@@ -50,6 +50,8 @@ def test_show_verify_tag_untag(cli_store: str, capsys: pytest.CaptureFixture[str
     assert run(capsys, "models", "verify", "digits:1", "--store", cli_store)[0] == 0
     code, out, _ = run(capsys, "models", "tag", "digits:1", "stable", "--store", cli_store)
     assert code == 0 and "digits:stable -> 1" in out
+    code, _, err = run(capsys, "models", "untag", "digits:1", "stable", "--store", cli_store)
+    assert code == 2 and "torchship models untag digits stable" in err  # the hint says how
     assert run(capsys, "models", "untag", "digits", "stable", "--store", cli_store)[0] == 0
 
 
@@ -61,7 +63,7 @@ def test_errors_are_one_clear_line_and_exit_2(
     code, _, err = run(capsys, "models", "show", "../etc", "--store", cli_store)
     assert code == 2 and "Invalid model name" in err
     code, _, err = run(capsys, "models", "delete", "digits:1", "--store", cli_store)
-    assert code == 2 and "aliased as production" in err
+    assert code == 2 and "aliased as production" in err and "--force" in err
     assert "Traceback" not in err
 
 

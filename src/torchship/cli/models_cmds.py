@@ -60,7 +60,7 @@ def register(sub: SubParsers) -> None:
     p.set_defaults(handler=cmd_models_tag)
     p = msub.add_parser("untag", help="remove an alias")
     _add_store_arg(p)
-    p.add_argument("name")
+    p.add_argument("name", help="the model's name (no version)")
     p.add_argument("alias")
     p.set_defaults(handler=cmd_models_untag)
     p = msub.add_parser("verify", help="check every file against its recorded sha256")
@@ -231,6 +231,12 @@ def cmd_models_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_models_untag(args: argparse.Namespace) -> int:
+    if ":" in args.name:  # `tag` takes NAME:VERSION, so this slip is natural
+        name = args.name.split(":", 1)[0]
+        raise InvalidInputError(
+            f"untag takes the model's name, not {args.name!r}: an alias names one version already.",
+            hint=f"torchship models untag {name} {args.alias}",
+        )
     _store(args).remove_alias(args.name, args.alias)
     console.print(f"removed alias {args.name}:{args.alias}")
     return 0

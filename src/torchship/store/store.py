@@ -313,7 +313,8 @@ class ModelStore:
             if pointing and not force:
                 raise InvalidInputError(
                     f"{name}:{version} is still aliased as {', '.join(pointing)}.",
-                    hint="Move or remove those aliases first, or pass force=True (--force).",
+                    hint="Move or remove those aliases first, or delete anyway with --force "
+                    "(force=True in Python).",
                 )
             vdir = self.path(name, version)
             trash = vdir.with_name(f"{_TMP_PREFIX}deleted-{version}-{uuid.uuid4().hex}")
