@@ -142,6 +142,8 @@ failed = sum(1 for status, _ in results if status != 200) + len(errors)
 retried = sum(1 for _, up in results if ", " in up)
 say(f"killed replica {replicas[0][0]} after 60 of {len(results)} requests under load")
 say(f"requests failed: {failed}; retried by nginx on the other replica: {retried}")
+for exc in errors[:3]:  # what a failure was, if any
+    say(f"  failed: {type(exc).__name__}: {exc}")
 say("load balancer and replicas stopped")
 
 section("4. Kubernetes")
