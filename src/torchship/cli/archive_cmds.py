@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TypeAlias
 
 from rich.table import Table
 
+from torchship.cli._args import SubParsers
 from torchship.cli.models_cmds import console
 from torchship.errors import ConfigError
 from torchship.settings import load_settings
-
-SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def register(sub: SubParsers) -> None:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 from rich.console import Console
 
-from torchship.cli._args import int_or_auto, top_k_count
+from torchship.cli._args import SubParsers, int_or_auto, top_k_count
 from torchship.settings import load_settings
-
-SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 console = Console(highlight=False)
 

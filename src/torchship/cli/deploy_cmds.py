@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TypeAlias
 
 from rich.console import Console
 
-from torchship.cli._args import int_or_auto
+from torchship.cli._args import SubParsers, int_or_auto
 from torchship.errors import ConfigError
 from torchship.settings import load_settings
 from torchship.store import ModelStore
 
 console = Console(highlight=False)
-
-SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def register(sub: SubParsers) -> None:

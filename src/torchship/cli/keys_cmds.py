@@ -16,7 +16,13 @@ import yaml
 
 from torchship.cli._args import SubParsers
 from torchship.errors import ConfigError
-from torchship.serving.policies.auth import load_file, make_key, new_key
+from torchship.serving.policies.auth import (
+    file_entry,
+    load_file,
+    make_key,
+    new_key,
+    parse_scopes,
+)
 
 
 def register(sub: SubParsers) -> None:
@@ -45,15 +51,13 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
             hint="Pick another name, or remove that entry from the file first.",
         )
     secret = new_key()
-    key = make_key(args.name, args.scopes.replace("+", ",").split(","), secret)
+    key = make_key(args.name, parse_scopes(args.scopes), secret)
     data: dict[str, Any] = {"keys": []}
     if path.exists():
         loaded = yaml.safe_load(path.read_text()) or {}
         data = loaded if isinstance(loaded, dict) else {"keys": loaded}
         data.setdefault("keys", [])
-    data["keys"].append(
-        {"name": key.name, "scopes": sorted(key.scopes), "sha256": key.digest.hex()}
-    )
+    data["keys"].append(file_entry(key))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -130,7 +130,7 @@ def load_file(path: Path) -> list[ApiKey]:
             raise ConfigError(f"{path}: key #{i + 1} needs a 'name'.")
         scopes = entry.get("scopes", ["inference"])
         if isinstance(scopes, str):
-            scopes = scopes.replace("+", ",").split(",")
+            scopes = parse_scopes(scopes)
         secret = entry.get("key") or (
             HASH_PREFIX + str(entry["sha256"]) if "sha256" in entry else None
         )
@@ -261,13 +261,16 @@ def normalise_specs(specs: Iterable[str]) -> list[str]:
     return [parse_spec(s).spec() for s in specs]
 
 
+def parse_scopes(text: str) -> list[str]:
+    """``"inference+admin"`` (or comma-separated) as a list of scope names."""
+    return text.replace("+", ",").split(",")
+
+
+def file_entry(key: ApiKey) -> dict[str, Any]:
+    """A key as a keys file holds it: name, scopes and the digest, never the secret."""
+    return {"name": key.name, "scopes": sorted(key.scopes), "sha256": key.digest.hex()}
+
+
 def keys_file_template(keys: Iterable[ApiKey]) -> str:
     """A keys file (JSON) holding only digests, e.g. to write next to the server."""
-    return json.dumps(
-        {
-            "keys": [
-                {"name": k.name, "scopes": sorted(k.scopes), "sha256": k.digest.hex()} for k in keys
-            ]
-        },
-        indent=2,
-    )
+    return json.dumps({"keys": [file_entry(k) for k in keys]}, indent=2)
