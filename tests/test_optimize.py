@@ -325,3 +325,64 @@ def test_cuda_wrappers_store_the_weights_and_run_eagerly_without_cuda(tmp_path: 
         assert isinstance(loaded, CudaOptimized) and loaded.mode == mode
         with torch.inference_mode():
             assert torch.equal(loaded(x), model(x))
+
+
+class _Unscriptable(nn.Module):
+    """Neither torch.fx (a data-dependent branch) nor TorchScript (try/except) takes
+    ``forward``; eager mode runs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            scale = 2.0 if bool(x.sum() > 0) else 1.0
+        except RuntimeError:
+            scale = 0.0
+        return self.fc(x) * scale
+
+
+def test_int8_runs_compiled_keeps_control_flow_and_reloads_fresh_weights(
+    tmp_path: Path,
+) -> None:
+    """The int8 wrappers run through TorchScript where it compiles (branches and loops
+    kept, as scripting does), fall back to eager where it does not, and a version loaded
+    from the store uses the stored weights, not those it was first compiled with."""
+    from torchship.export.torchscript import to_torchscript
+    from torchship.optimize import quantize
+    from torchship.optimize._wrap import arch_spec
+    from torchship.store.serialization import architecture_of
+    from torchship.zoo.control_flow import ControlFlowNet
+
+    torch.manual_seed(0)
+    net = ControlFlowNet().eval()
+    base = arch_spec(architecture_of(net))
+    q = quantize.quantize_dynamic_int8(net, base, torch.randn(4, 8))
+    positive, negative = torch.full((3, 8), 0.9), torch.full((3, 8), -2.5)
+    with torch.inference_mode():
+        compiled = [q(positive), q(negative)]  # the first call compiles
+        assert q.scripted()
+        eager = [q.model(positive), q.model(negative)]
+    for got, want in zip(compiled, eager, strict=True):
+        assert torch.equal(got, want)
+    traced = to_torchscript(q, positive, "trace")  # a trace records the eager int8 ops
+    assert torch.equal(traced(positive), compiled[0])
+    assert not torch.allclose(compiled[0][0], compiled[1][0])  # two branches taken
+
+    store = ModelStore(tmp_path / "models")
+    saved = store.save(q, "cf", examples=positive)
+    loaded = store.load(saved.ref, device="cpu")
+    assert isinstance(loaded, quantize.DynamicInt8)
+    with torch.inference_mode():
+        assert torch.equal(loaded(negative), compiled[1])
+        # compiled now, then new weights: the next call must see them
+        other = quantize.quantize_dynamic_int8(ControlFlowNet().eval(), base, positive)
+        loaded.load_state_dict(other.state_dict())
+        assert torch.equal(loaded(negative), other.model(negative))
+
+    odd = _Unscriptable().eval()
+    q_odd = quantize.quantize_dynamic_int8(odd, arch_spec(architecture_of(odd)), positive)
+    with torch.inference_mode():
+        assert not q_odd.scripted()
+        assert torch.allclose(q_odd(positive), odd(positive), atol=0.05)

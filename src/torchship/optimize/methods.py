@@ -77,14 +77,21 @@ def _dynamic_int8(ctx: Context) -> Candidate:
     kw = module.init_kwargs
     how = "FX trace, Linear+ReLU fused" if kw["mode"] == "fx" else "modules swapped"
     note = f"{', '.join(kw['layers'])} weights int8, activations per batch ({how}, {kw['engine']})"
-    return Candidate(module, [note])
+    return Candidate(module, [note, _script_note(module)])
+
+
+def _script_note(module: quantize.QuantizedModule) -> str:
+    if module.scripted():
+        return "runs as TorchScript (the quantized modules' Python overhead removed)"
+    return "runs eagerly: TorchScript refused the quantized model"
 
 
 def _static_int8(ctx: Context) -> Candidate:
     batches = ctx.data.calibration_batches()
     module = quantize.quantize_static_int8(ctx.parent, ctx.base, batches)
     items = sum(len(b) for b in batches)
-    return Candidate(module, [f"FX graph mode, fused, calibrated on {items} real inputs"])
+    notes = [f"FX graph mode, fused, calibrated on {items} real inputs", _script_note(module)]
+    return Candidate(module, notes)
 
 
 def _ort(mode: str | None) -> Callable[[Context], Candidate]:
