@@ -226,9 +226,8 @@ class QuantizedModule(WrapperModule):
         object.__setattr__(self, "_script_tried", False)
 
     def _runner(self) -> nn.Module:
-        if (
-            self.training or torch._C._get_tracing_state() is not None
-        ):  # a trace records the eager ops
+        tracing = torch._C._get_tracing_state() is not None  # a trace records eager ops
+        if self.training or tracing:
             return self.model
         if not self._script_tried:
             with _SCRIPT_LOCK:
