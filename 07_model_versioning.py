@@ -5,9 +5,10 @@ What you will see, against a real torchship server on a free local port:
   2. an A/B test: traffic split 50/50, sticky per user, measured accuracy and latency
      of each version side by side;
   3. canaries planned 10% -> 50% -> 100%, each step a few seconds, guarded by an SLO:
-     a healthy version walks the steps to 100%; a deliberately broken one breaches
-     its SLO at 10% and rolls back by itself, and the history records why;
-  4. a manual promotion and rollback, and the model's audit trail.
+     a healthy version walks the steps to 100% and so becomes production in the store;
+     a deliberately broken one breaches its SLO at 10% and rolls back by itself, and
+     the history records why;
+  4. a manual rollback and promotion, and the model's audit trail.
 
 Run: python 07_model_versioning.py   (offline, ~40 s; starts and stops its own server)
 """
@@ -193,35 +194,36 @@ try:
     )
     say("v2 (the MLP): the SLO holds, so the canary walks 10% -> 50% -> 100% and completes")
     canary("1", "2", "release v2")
-    last = requests.get(f"{manage}/history", timeout=10).json()["history"][-1]
-    say(f"[bold]{last['kind']}[/]: {last['reason']}")
+    for record in requests.get(f"{manage}/history", timeout=10).json()["history"][-2:]:
+        say(f"[bold]{record.get('kind') or record.get('action')}[/]: {record['reason']}")
+    say(f"a completed canary is a promotion: stages now {stages.stages(store, 'digits')}")
     requests.post(f"{manage}/versions/3/load", timeout=60).raise_for_status()
     say("v3 (fails a share of its requests): it breaches the SLO and rolls back by itself")
     canary("2", "3", "release v3")
     last = requests.get(f"{manage}/history", timeout=10).json()["history"][-1]
     say(f"[bold]{last['kind']}[/]: {last['reason']}")
 
-    section("5. Manual promotion and rollback")
-    r = requests.post(
-        f"{manage}/promote",
-        json={"version": "2", "reason": "MLP is as accurate and faster"},
-        timeout=60,
-    )
-    say(
-        f"promote v2 -> serving {requests.post(f'{base}/predict', json={'inputs': data.x_test[0].tolist()}, timeout=30).headers['X-Model-Version']}"
-    )
+    section("5. Manual rollback and promotion")
+
+    def serving() -> str:
+        one = {"inputs": data.x_test[0].tolist()}
+        return requests.post(f"{base}/predict", json=one, timeout=30).headers["X-Model-Version"]
+
     r = requests.post(
         f"{manage}/rollback", json={"reason": "a customer reported a regression"}, timeout=60
     )
-    say(
-        f"rollback -> production is now v{r.json()['rolled_back']['to']}, serving "
-        f"{requests.post(f'{base}/predict', json={'inputs': data.x_test[0].tolist()}, timeout=30).headers['X-Model-Version']}"
-    )
+    say(f"rollback -> production is now v{r.json()['rolled_back']['to']}, serving {serving()}")
+    requests.post(
+        f"{manage}/promote",
+        json={"version": "2", "reason": "the regression was in the client; v2 is fine"},
+        timeout=60,
+    ).raise_for_status()
+    say(f"promote v2 -> serving {serving()}")
     table(
         "digits: history (store + traffic policy)",
         ["when", "what", "why"],
         [
-            [h["at"][11:19], h.get("action") or h.get("kind"), h.get("reason", "")]
+            [h["at"][11:19], h.get("kind") or h.get("action"), h.get("reason", "")]
             for h in requests.get(f"{manage}/history", timeout=10).json()["history"]
         ],
     )

@@ -31,8 +31,10 @@ EXPECT = {
     "07_model_versioning.py": [
         "A/B results",
         "complete: scheduled",  # the healthy canary walks to 100%
+        "promote: canary completed: scheduled",  # ... and is production in the store
         "rollback: SLO breach",
         "production is now v1",
+        "promote v2 -> serving 2",
         "server stopped (exit 0)",
     ],
 }

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from serving_utils import SAMPLE, run_server
 
 from torchship.serving import InferenceService, ServeSettings, fastapi_app, flask_app
-from torchship.store import ModelStore
+from torchship.store import ModelStore, stages
 from torchship.zoo import digits
 from torchship.zoo.faulty import FaultyDigits
 
@@ -172,6 +172,36 @@ def test_canary_of_a_broken_version_rolls_back_by_itself(
         assert again.traffic.router("digits").policy.versions() == ("1",)  # type: ignore[union-attr]
     finally:
         again.stop()
+
+
+def test_a_completed_canary_is_production_in_the_store(
+    served: tuple[InferenceService, Client],
+) -> None:
+    """Reaching 100 % promotes the candidate, once, with the canary's reason: the store's
+    production pointer (what predict, batch jobs and a fresh server read) follows."""
+    service, client = served
+    assert client.call("post", "/manage/models/digits/promote", {"version": "1"})[0] == 200
+    assert client.call("post", "/manage/models/digits/versions/2/load")[0] == 200
+    policy = {"kind": "canary", "baseline": "1", "candidate": "2", "steps": [50, 100]}
+    assert client.call("put", "/manage/models/digits/policy", policy)[0] == 200
+    assert service.store.resolve("digits") == "1"  # a canary in progress changes no stage
+    status, body, _ = client.call("post", "/manage/models/digits/advance", {"reason": "healthy"})
+    assert status == 200, body
+    assert body["traffic"]["policy"] == {"kind": "fixed", "version": "2"}
+    assert service.store.resolve("digits") == "2"
+    versions = client.call("get", "/manage/models/digits/versions")[1]["versions"]
+    assert {v["version"]: v["stage"] for v in versions}["1"] == "archived"
+    history = client.call("get", "/manage/models/digits/history")[1]["history"]
+    promotions = [h for h in history if h.get("action") == "promote"]
+    assert [p["version"] for p in promotions] == ["1", "2"]
+    assert promotions[-1]["reason"] == "canary completed: healthy"
+    # another worker deciding the same completion writes nothing more
+    assert stages.promote_unless_production(service.store, "digits", "2") is None
+    history = client.call("get", "/manage/models/digits/history")[1]["history"]
+    assert len([h for h in history if h.get("action") == "promote"]) == 2
+    # and a plain rollback undoes it
+    assert client.call("post", "/manage/models/digits/rollback", {"to": "1"})[0] == 200
+    assert service.store.resolve("digits") == "1"
 
 
 def test_policies_persist_and_reload_their_versions(rollout_store: Path) -> None:

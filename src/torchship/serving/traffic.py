@@ -23,7 +23,7 @@ from torchship.rollout import (
     recorder,
 )
 from torchship.store import ModelStore
-from torchship.store.stages import HISTORY_FILE
+from torchship.store.stages import HISTORY_FILE, promote_unless_production
 
 log = logging.getLogger("torchship.rollout")
 
@@ -57,6 +57,7 @@ class Traffic:
         else route everything to ``default``. The policy and history live in the store's
         folder of the model, or in ``folder`` (TorchServe archives: never the store's,
         where a store model of the same name keeps its own)."""
+        in_store = folder is None
         folder = folder or self.store.root / name
         policy_file = PolicyFile(folder / POLICY_FILE)
         history = HistoryLog(folder / HISTORY_FILE)
@@ -73,6 +74,8 @@ class Traffic:
                 event.reason,
             )
             persist(event)
+            if event.kind == "complete" and in_store:
+                self._promote_completed(name, event)
 
         if record is not None and all(ensure_loaded(v) for v in record.policy.versions()):
             router = Router.from_record(record, on_event=on_event)
@@ -88,6 +91,23 @@ class Traffic:
         self._routers[name] = router
         self._files[name] = (policy_file, ensure_loaded)
         return router
+
+    def _promote_completed(self, name: str, event: RolloutEvent) -> None:
+        """A canary that reached 100 % did what a promotion does, so the store says so
+        too: everything else that reads its production pointer (``torchship predict``,
+        batch jobs, a server started without this policy) agrees with the traffic."""
+        (version,) = event.to_policy.versions()
+        try:
+            record = promote_unless_production(
+                self.store, name, version, reason=f"canary completed: {event.reason}"
+            )
+        except Exception:  # the traffic has moved either way; say why the store did not
+            log.exception(
+                "%s: canary completed, but promoting %s in the store failed", name, version
+            )
+            return
+        if record is not None:
+            log.warning("%s:%s promoted to production (canary completed)", name, version)
 
     def sync(self) -> None:
         """Adopt policies other worker processes wrote (a policy set through one worker's

@@ -48,25 +48,47 @@ def promote(
         raise InvalidInputError(f"Unknown stage {stage!r}; use one of {', '.join(STAGES)}.")
     version = store.resolve(name, version)
     with file_lock(store.root / name / ".stages.lock"):
-        current = stages(store, name)
-        previous = store.aliases(name).get(DEFAULT_ALIAS)
-        current[version] = stage
-        if stage == "production":
-            if previous and previous != version and previous in current:
-                current[previous] = "archived"
-            store.set_alias(name, DEFAULT_ALIAS, version)
-        elif previous == version:
-            store.remove_alias(name, DEFAULT_ALIAS)
-        write_json_atomic(store.root / name / STAGES_FILE, current)
-        record = {
-            "action": "promote",
-            "model": name,
-            "version": version,
-            "stage": stage,
-            "previous_production": previous,
-            "reason": reason,
-        }
-        history_log(store, name).append(record)
+        return _promote_locked(store, name, version, stage, reason)
+
+
+def promote_unless_production(
+    store: ModelStore, name: str, version: str, *, reason: str = ""
+) -> dict[str, Any] | None:
+    """:func:`promote` to production, or nothing (None) if ``version`` already is.
+
+    Why: every worker process of a server may decide the same canary completion; the
+    check runs under the lock, so exactly one of them writes the record.
+    """
+    version = store.resolve(name, version)
+    with file_lock(store.root / name / ".stages.lock"):
+        if store.aliases(name).get(DEFAULT_ALIAS) == version:
+            return None
+        return _promote_locked(store, name, version, "production", reason)
+
+
+def _promote_locked(
+    store: ModelStore, name: str, version: str, stage: Stage, reason: str
+) -> dict[str, Any]:
+    """The body of a promotion; the caller holds the stages lock."""
+    current = stages(store, name)
+    previous = store.aliases(name).get(DEFAULT_ALIAS)
+    current[version] = stage
+    if stage == "production":
+        if previous and previous != version and previous in current:
+            current[previous] = "archived"
+        store.set_alias(name, DEFAULT_ALIAS, version)
+    elif previous == version:
+        store.remove_alias(name, DEFAULT_ALIAS)
+    write_json_atomic(store.root / name / STAGES_FILE, current)
+    record = {
+        "action": "promote",
+        "model": name,
+        "version": version,
+        "stage": stage,
+        "previous_production": previous,
+        "reason": reason,
+    }
+    history_log(store, name).append(record)
     return record
 
 
