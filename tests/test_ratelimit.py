@@ -158,6 +158,9 @@ def test_anonymous_clients_are_limited_per_ip(store_root: Path) -> None:
             b = Client(framework, service, peer="192.0.2.11")
             assert [a.predict().status for _ in range(3)] == [200, 200, 429]
             assert b.predict().status == 200
+            # pages need no key, but they are not a way around the limit either
+            assert b.call("get", "/static/status.js").status == 200
+            assert b.call("get", "/static/apikey.js").status == 429
     finally:
         service.stop()
 

@@ -136,10 +136,13 @@ class Gate:
         """Let the request in, or raise 401 / 403 / 429."""
         scope = self.scope_of(info.path)
         ip = self.client_ip(info)
-        if self.is_open(info.path) or is_page_shell(info.path, info.headers.get("accept")):
+        if self.is_open(info.path):
             return Admission(scope, ip=ip)
+        # Page shells and their assets hold no data, so a browser gets them without a
+        # key; they still count against the client's address like any other request.
+        shell = is_page_shell(info.path, info.headers.get("accept"))
         key = None
-        if self.keys is not None:
+        if self.keys is not None and not shell:
             found = self.keys.authenticate(info.headers)
             self.keys.authorize(found, scope)
             key = found.name
