@@ -79,7 +79,6 @@ def _promote_locked(
         store.set_alias(name, DEFAULT_ALIAS, version)
     elif previous == version:
         store.remove_alias(name, DEFAULT_ALIAS)
-    write_json_atomic(store.root / name / STAGES_FILE, current)
     record = {
         "action": "promote",
         "model": name,
@@ -88,6 +87,14 @@ def _promote_locked(
         "previous_production": previous,
         "reason": reason,
     }
+    return _commit(store, name, current, record)
+
+
+def _commit(
+    store: ModelStore, name: str, staged: dict[str, Stage], record: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the new stages, then the history record that says why (stages lock held)."""
+    write_json_atomic(store.root / name / STAGES_FILE, staged)
     history_log(store, name).append(record)
     return record
 
@@ -124,16 +131,8 @@ def rollback(
         if current in staged:
             staged[current] = "archived"
         store.set_alias(name, DEFAULT_ALIAS, target)
-        write_json_atomic(store.root / name / STAGES_FILE, staged)
-        record = {
-            "action": "rollback",
-            "model": name,
-            "from": current,
-            "to": target,
-            "reason": reason,
-        }
-        history_log(store, name).append(record)
-    return record
+        record = {"action": "rollback", "model": name, "from": current, "to": target}
+        return _commit(store, name, staged, record | {"reason": reason})
 
 
 def _previous_production(records: list[dict[str, Any]], current: str | None) -> str | None:
