@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -343,8 +344,9 @@ class _Unscriptable(nn.Module):
         return self.fc(x) * scale
 
 
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch.save, quantized
 def test_int8_runs_compiled_keeps_control_flow_and_reloads_fresh_weights(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The int8 wrappers run through TorchScript where it compiles (branches and loops
     kept, as scripting does), fall back to eager where it does not, and a version loaded
@@ -380,6 +382,32 @@ def test_int8_runs_compiled_keeps_control_flow_and_reloads_fresh_weights(
         other = quantize.quantize_dynamic_int8(ControlFlowNet().eval(), base, positive)
         loaded.load_state_dict(other.state_dict())
         assert torch.equal(loaded(negative), other.model(negative))
+
+    # loaded through a parent module (an int8 version inside another wrapper) ...
+    parent = nn.Sequential(loaded)
+    parent.load_state_dict(nn.Sequential(q).state_dict())
+    with torch.inference_mode():
+        assert torch.equal(loaded(negative), compiled[1])
+    # ... or while the first compile is under way: the next call compiles again
+    fresh = quantize.DynamicInt8(**q.init_kwargs).eval()
+    fresh.load_state_dict(q.state_dict())
+    real_script = quantize.script_quantized
+
+    def load_while_compiling(model: nn.Module) -> Any:
+        out = real_script(model)
+        fresh.load_state_dict(other.state_dict())
+        return out
+
+    monkeypatch.setattr(quantize, "script_quantized", load_while_compiling)
+    with torch.inference_mode():
+        fresh(negative)
+        monkeypatch.setattr(quantize, "script_quantized", real_script)
+        assert torch.equal(fresh(negative), other.model(negative))
+    # a whole-module pickle leaves the compiled copy behind and compiles again
+    torch.save(loaded, tmp_path / "whole.pt")
+    unpickled = torch.load(tmp_path / "whole.pt", weights_only=False)
+    with torch.inference_mode():
+        assert torch.equal(unpickled(negative), loaded(negative)) and unpickled.scripted()
 
     odd = _Unscriptable().eval()
     q_odd = quantize.quantize_dynamic_int8(odd, arch_spec(architecture_of(odd)), positive)

@@ -6,6 +6,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,7 @@ def test_a_completed_canary_is_production_in_the_store(
     assert client.call("post", "/manage/models/digits/promote", {"version": "1"})[0] == 200
     assert client.call("post", "/manage/models/digits/versions/2/load")[0] == 200
     policy = {"kind": "canary", "baseline": "1", "candidate": "2", "steps": [50, 100]}
+    began = datetime.now(timezone.utc)
     assert client.call("put", "/manage/models/digits/policy", policy)[0] == 200
     assert service.store.resolve("digits") == "1"  # a canary in progress changes no stage
     status, body, _ = client.call("post", "/manage/models/digits/advance", {"reason": "healthy"})
@@ -199,9 +201,14 @@ def test_a_completed_canary_is_production_in_the_store(
     assert stages.promote_unless_production(service.store, "digits", "2") is None
     history = client.call("get", "/manage/models/digits/history")[1]["history"]
     assert len([h for h in history if h.get("action") == "promote"]) == 2
-    # and a plain rollback undoes it
+    # and a plain rollback undoes it, which a late completion by a worker that has not
+    # synced yet does not overturn
     assert client.call("post", "/manage/models/digits/rollback", {"to": "1"})[0] == 200
     assert service.store.resolve("digits") == "1"
+    late = stages.promote_unless_production(
+        service.store, "digits", "2", unless_changed_since=began
+    )
+    assert late is None and service.store.resolve("digits") == "1"
 
 
 def test_policies_persist_and_reload_their_versions(rollout_store: Path) -> None:

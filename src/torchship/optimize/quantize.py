@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import threading
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from torchship.optimize.errors import MethodSkipped, OptimizeError
 logger = logging.getLogger(__name__)
 
 _SCRIPT_LOCK = threading.Lock()  # compiling is rare; one lock for every module
+_GENERATIONS = itertools.count(1)  # next() is atomic under the GIL
 DYNAMIC_LAYERS: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "LSTM": nn.LSTM, "GRU": nn.GRU}
 _SEP = "::"
 
@@ -203,38 +205,48 @@ def script_quantized(model: nn.Module) -> torch.jit.ScriptModule | None:
     return scripted
 
 
+def _new_weights_hook(module: QuantizedModule, _keys: Any) -> None:
+    module._new_weights()
+
+
 class QuantizedModule(WrapperModule):
     """Base of the int8 wrappers: CPU-only, saved as plain tensors (see module docstring).
 
     Inference runs through a TorchScript copy of the quantized model (see
-    :func:`script_quantized`), compiled on the first call in eval mode and again after
-    weights are loaded, because the copy holds the packed weights of its time.
+    :func:`script_quantized`), compiled on the first call in eval mode. The copy holds
+    the packed weights of its time, so loading a state_dict into this module (or into
+    any module holding it) makes the next call compile again; code that swaps packed
+    weights in ``self.model`` by hand must load through this module instead.
     """
 
-    _scripted: torch.jit.ScriptModule | None
-    _script_tried: bool
+    # class defaults: whole-module pickles from before the compiled copy existed load
+    _compiled: tuple[int, torch.jit.ScriptModule | None] | None = None  # (generation, copy)
+    _generation: int = 0
 
     def __init__(self) -> None:
         super().__init__()
         self.register_state_dict_post_hook(_encode_hook)
         self.register_load_state_dict_pre_hook(_decode_hook)
-        self._forget_script()
+        self.register_load_state_dict_post_hook(_new_weights_hook)
 
-    def _forget_script(self) -> None:
-        # plain attributes, not a submodule: the compiled copy is not part of the state
-        object.__setattr__(self, "_scripted", None)
-        object.__setattr__(self, "_script_tried", False)
+    def _new_weights(self) -> None:
+        # plain attribute, not a submodule: the compiled copy is not part of the state.
+        # A compile that began before this loaded keeps an older generation: not used.
+        object.__setattr__(self, "_generation", next(_GENERATIONS))
 
     def _runner(self) -> nn.Module:
         tracing = torch._C._get_tracing_state() is not None  # a trace records eager ops
         if self.training or tracing:
             return self.model
-        if not self._script_tried:
+        compiled = self._compiled
+        if compiled is None or compiled[0] != self._generation:
             with _SCRIPT_LOCK:
-                if not self._script_tried:
-                    object.__setattr__(self, "_scripted", script_quantized(self.model))
-                    object.__setattr__(self, "_script_tried", True)
-        return self._scripted if self._scripted is not None else self.model
+                compiled = self._compiled
+                generation = self._generation
+                if compiled is None or compiled[0] != generation:
+                    compiled = (generation, script_quantized(self.model))
+                    object.__setattr__(self, "_compiled", compiled)
+        return compiled[1] if compiled[1] is not None else self.model
 
     def scripted(self) -> bool:
         """Whether inference runs through TorchScript (compiles it now if not yet)."""
@@ -245,12 +257,12 @@ class QuantizedModule(WrapperModule):
         finally:
             self.train(was_training)
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ) -> Any:
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self._forget_script()
-        return result
+    def __getstate__(self) -> dict[str, Any]:
+        # pickles and deep copies leave the compiled copy behind (it cannot be pickled
+        # and would hold the old weights); it is compiled again on first use
+        state = dict(super().__getstate__())
+        state.pop("_compiled", None)
+        return state
 
     def forward(self, x: torch.Tensor) -> Any:
         run = self._runner()

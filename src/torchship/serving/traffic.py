@@ -97,9 +97,14 @@ class Traffic:
         too: everything else that reads its production pointer (``torchship predict``,
         batch jobs, a server started without this policy) agrees with the traffic."""
         (version,) = event.to_policy.versions()
+        started = getattr(event.from_policy, "started_at", None)
         try:
             record = promote_unless_production(
-                self.store, name, version, reason=f"canary completed: {event.reason}"
+                self.store,
+                name,
+                version,
+                reason=f"canary completed: {event.reason}",
+                unless_changed_since=started,
             )
         except Exception:  # the traffic has moved either way; say why the store did not
             log.exception(

@@ -7,6 +7,7 @@ server without a traffic policy use. Every change is appended to
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from torchship.errors import InvalidInputError, VersionNotFoundError
@@ -52,18 +53,48 @@ def promote(
 
 
 def promote_unless_production(
-    store: ModelStore, name: str, version: str, *, reason: str = ""
+    store: ModelStore,
+    name: str,
+    version: str,
+    *,
+    reason: str = "",
+    unless_changed_since: datetime | None = None,
 ) -> dict[str, Any] | None:
-    """:func:`promote` to production, or nothing (None) if ``version`` already is.
+    """:func:`promote` to production, or nothing (None) if ``version`` already is, or if
+    production was promoted or rolled back at or after ``unless_changed_since``.
 
-    Why: every worker process of a server may decide the same canary completion; the
-    check runs under the lock, so exactly one of them writes the record.
+    Why: every worker process of a server may decide the same canary completion, one
+    of them late (after its next policy sync); the checks run under the lock, so one
+    writes the record at most, and an operator's rollback in between stands.
     """
     version = store.resolve(name, version)
     with file_lock(store.root / name / ".stages.lock"):
         if store.aliases(name).get(DEFAULT_ALIAS) == version:
             return None
+        if unless_changed_since is not None and _changed_since(
+            history_log(store, name).read(), unless_changed_since
+        ):
+            return None
         return _promote_locked(store, name, version, "production", reason)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _changed_since(records: list[dict[str, Any]], moment: datetime) -> bool:
+    """Whether a promote or rollback record is dated at or after ``moment``."""
+    moment = _aware(moment)
+    for record in reversed(records):  # appended in time order: stop at the first older
+        try:
+            at = _aware(datetime.fromisoformat(str(record["at"])))
+        except (KeyError, ValueError):
+            continue
+        if at < moment:
+            return False
+        if record.get("action") in ("promote", "rollback"):
+            return True
+    return False
 
 
 def _promote_locked(
@@ -121,8 +152,10 @@ def rollback(
 
     Returns the history record; raises when there is nothing to roll back to.
     """
-    target = rollback_target(store, name, to)
+    store.resolve(name)  # validates the name, 404 if unknown: before the lock file
     with file_lock(store.root / name / ".stages.lock"):
+        # under the lock: a server completing a canary may promote at any moment
+        target = rollback_target(store, name, to)
         current = store.aliases(name).get(DEFAULT_ALIAS)
         if target == current:
             raise InvalidInputError(f"{name}:{target} is already in production.")
