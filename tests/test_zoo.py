@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -140,3 +141,15 @@ def test_control_flow_net_rebuilds_and_has_a_spec() -> None:
     torch.testing.assert_close(clone(x), model(x))
     assert model(x).shape == (2, 3)
     assert control_flow_input_spec(5).shape == [5]
+
+
+def test_digits_without_scikit_learn_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scikit-learn is the ``train`` extra (a server never loads it): without it, loading
+    the data says which extra to install instead of an ImportError."""
+    from torchship.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn...` fail
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(MissingDependencyError) as missing:
+        digits.load_digits_split()
+    assert "scikit-learn" in str(missing.value) and "torchship[train]" in missing.value.hint

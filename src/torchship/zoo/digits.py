@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from torchship.errors import MissingDependencyError
 from torchship.store.manifest import InputSpec
 
 LABELS = [str(i) for i in range(10)]
@@ -89,8 +90,17 @@ class DigitsData:
 
 
 def load_digits_split(seed: int = SEED, test_size: float = TEST_SIZE) -> DigitsData:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """scikit-learn's bundled digits (no download), split stratified with a fixed seed.
+
+    scikit-learn is the ``train`` extra: a server of a trained model never needs it.
+    """
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise MissingDependencyError(
+            "scikit-learn", "train", "Loading the digits data set (training, calibration)"
+        ) from None
 
     digits = load_digits()
     images = digits.images.astype(np.float32)  # (1797, 8, 8), 0..16
