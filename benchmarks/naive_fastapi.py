@@ -74,7 +74,7 @@ def create_app(arch: str, weights: str) -> FastAPI:
         top = probs.topk(5, dim=1)
         return {
             "predictions": [
-                {"label": str(i[0]), "probability": float(p[0]), "top_k": i.tolist()}
+                {"label": str(int(i[0])), "probability": float(p[0]), "top_k": i.tolist()}
                 for p, i in zip(top.values, top.indices, strict=True)
             ]
         }

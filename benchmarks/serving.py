@@ -110,6 +110,8 @@ class ServerKind:
     serve_args: tuple[str, ...] | None  # ``torchship serve`` flags; None: the naive server
     env: tuple[tuple[str, str], ...] = ()
     torchserve: bool = False  # real TorchServe serving a torchship-built .mar of the model
+    litserve: bool = False  # LitServe serving the same weights (benchmarks/litserve_app.py)
+    cannot: tuple[str, ...] = ()  # workload keys it has no route for
 
 
 SERVERS = (
@@ -138,6 +140,16 @@ SERVERS = (
 # core, token auth off so wrk can call it.
 TORCHSERVE = ServerKind(
     "torchserve", "TorchServe 0.12 (Java), workers = cores, batch 8", None, torchserve=True
+)
+# Measured where installed (pip install 'torchship[bench]'): LitServe's LitAPI over the
+# same state dict in eager PyTorch, one 1-thread inference process per core, batch 8
+# within 5 ms. It reads every request as JSON or a form: no raw-body (PNG) route.
+LITSERVE = ServerKind(
+    "litserve",
+    "LitServe (eager), workers = cores, batch 8",
+    None,
+    litserve=True,
+    cannot=("digits-png",),
 )
 
 
@@ -411,17 +423,12 @@ def server_command(
         return torchserve_command(model, port, store)
     if kind.serve_args is None:
         arch = "cnn" if model == "digits" else model
-        naive = str(HERE / "naive_fastapi.py")
-        return [
-            sys.executable,
-            naive,
-            "--arch",
-            arch,
-            "--weights",
-            str(weights[model]),
-            "--port",
-            str(port),
-        ]
+        script = "litserve_app.py" if kind.litserve else "naive_fastapi.py"
+        command = [sys.executable, str(HERE / script), "--arch", arch]
+        command += ["--weights", str(weights[model]), "--port", str(port)]
+        if kind.litserve:
+            command += ["--workers", str(cpu_count()), "--threads", "1", "--max-batch-size", "8"]
+        return command
     return [
         sys.executable,
         "-m",
@@ -513,6 +520,8 @@ def describe(server: Server) -> str:
     """Runtime and batch cap a torchship server chose (from GET /models)."""
     if server.kind.torchserve:
         return f"TorchScript .mar, image handler, {cpu_count()} workers, batch 8 / 5 ms"
+    if server.kind.litserve:
+        return f"eager, {cpu_count()} workers x 1 thread, batch 8 / 5 ms"
     if server.kind.serve_args is None:
         threads = dict(server.kind.env).get("OMP_NUM_THREADS", "torch's default")
         return f"eager, intra-op threads: {threads}"
@@ -634,11 +643,14 @@ def bench_model(
     with running(servers):
         for kind in kinds:  # one at a time, so each start-up is measured alone
             port = free_port(HOST)
+            served = [w for w in workloads if w.key not in kind.cannot]
+            if not served:
+                continue
             cmd = server_command(kind, model, port, store, weights)
             started = time.monotonic()
             server = start_server(cmd, kind, model, port, logs)
             servers.append(server)
-            wait_first_prediction(server, workloads[0], started)
+            wait_first_prediction(server, served[0], started)
             if kind.serve_args is not None:
                 # The first start on a machine times the runtimes and batch sizes and
                 # remembers them (<store>/.tuning); what a restart or a new replica on
@@ -658,15 +670,16 @@ def bench_model(
                 f"RSS {server.rss_start_mb:.0f} MB, {server.info}"
             )
         for workload in workloads:
-            for server in servers:  # warm-up: first-request costs are not what is measured
+            able = [s for s in servers if workload.key not in s.kind.cannot]
+            for server in able:  # warm-up: first-request costs are not what is measured
                 run_wrk(server, workload, min(8, max(args.connections)), args.warmup)
             turn = 0
             for _ in range(args.repeat):
                 runs: list[Point] = []
                 for conns in args.connections:
-                    shift = turn % len(servers)
+                    shift = turn % len(able)
                     turn += 1
-                    for server in servers[shift:] + servers[:shift]:
+                    for server in able[shift:] + able[:shift]:
                         point = run_wrk(server, workload, conns, args.duration)
                         server.sample_rss()
                         runs.append(point)
@@ -884,13 +897,24 @@ def torch_import_s(runs: int = 3) -> float:
     return statistics.median(times)
 
 
+def litserve_installed() -> bool:
+    return importlib.util.find_spec("litserve") is not None
+
+
 def peers() -> list[str]:
     """Peer servers: measured only where installed (this script installs nothing)."""
     lines = []
-    if importlib.util.find_spec("litserve") is None:
-        lines.append("LitServe skipped: the litserve package is not installed in this environment.")
+    if not litserve_installed():
+        lines.append(
+            "LitServe skipped: the litserve package is not installed "
+            "(pip install 'torchship[bench]')."
+        )
     else:
-        lines.append("LitServe is installed but has no row yet: add a ServerKind for it.")
+        lines.append(
+            "LitServe: the same weights in eager PyTorch behind a LitAPI "
+            "(benchmarks/litserve_app.py), one 1-thread inference process per core, batch 8 "
+            "within 5 ms; it reads requests as JSON or forms only, so it has no raw-PNG row."
+        )
     missing = torchserve_missing()
     if missing:
         lines.append(f"TorchServe skipped: {missing}.")
@@ -931,7 +955,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the results as markdown to this file")
     parser.add_argument(
         "--servers",
-        help=f"comma list of {','.join(k.key for k in (*SERVERS, TORCHSERVE))} (default all)",
+        help=f"comma list of {','.join(k.key for k in (*SERVERS, TORCHSERVE, LITSERVE))} "
+        "(default all)",
     )
     parser.add_argument(
         "--workloads", help="comma list of digits-json,digits-png,resnet18-jpeg (default all)"
@@ -963,6 +988,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for k in SERVERS if not args.servers or k.key in args.servers.split(",")]
     if (not args.servers or TORCHSERVE.key in args.servers.split(",")) and not torchserve_missing():
         kinds.append(TORCHSERVE)
+    if (not args.servers or LITSERVE.key in args.servers.split(",")) and litserve_installed():
+        kinds.append(LITSERVE)
     for row in args.row:
         key, _, flags = row.partition("=")
         kinds.append(ServerKind(key, f"torchship {flags}".strip(), tuple(shlex.split(flags))))
