@@ -115,6 +115,25 @@ def test_cli_writes_the_table_and_every_version_loads_and_predicts(
         assert "skipped: no CUDA" in markdown
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA methods run there")
+def test_a_run_that_makes_nothing_keeps_the_earlier_report(
+    wide_store: ModelStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Only CUDA methods on a CPU: every row is skipped, and the default report folder
+    keeps the last report that measured something."""
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "runs" / "optimize" / "wide-1" / "optimize.md"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("an earlier, useful report")
+    args = ["optimize", "--store", str(wide_store.root), "--model", "wide:1"]
+    code, out, _ = run(capsys, *args, "--methods", "cuda", *QUICK)
+    assert code == 0 and "No variant was made" in out and "skipped" in out
+    assert earlier.read_text() == "an earlier, useful report"
+
+
 def test_budget_tags_the_fastest_variant_within_it(
     cli_run: tuple[int, str, Path], wide_store: ModelStore
 ) -> None:

@@ -131,14 +131,18 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         options=options,
         accuracy_budget=args.accuracy_budget,
         tag=args.tag,
-        out_dir=out,
         progress=lambda msg: console.print(f"  {msg}"),
     )
-    plot = plot_tradeoff(report, Path(out) / "optimize.png")
     print_report(report)
-    console.print(
-        f"Wrote {report.files['markdown']}, {report.files['json']} and {plot}", soft_wrap=True
-    )
+    made = any(row.measured for row in report.rows if row is not report.parent_row)
+    if made or args.out is not None:
+        report.write(out)
+        plot = plot_tradeoff(report, Path(out) / "optimize.png")
+        console.print(
+            f"Wrote {report.files['markdown']}, {report.files['json']} and {plot}", soft_wrap=True
+        )
+    else:  # e.g. only CUDA methods on a CPU: an earlier run's report is worth more
+        console.print(f"No variant was made, so {out} is left as it was.", soft_wrap=True)
     if args.accuracy_budget is not None:
         if report.picked is None:
             raise NoVariantQualifiesError(
