@@ -114,6 +114,36 @@ def test_runs_as_non_root_on_a_read_only_root(container) -> None:
     assert info["HostConfig"]["ReadonlyRootfs"] is True
 
 
+# Imports what a server process imports and prints every module compiled from source.
+_COMPILED_AT_START = """
+import importlib.machinery as machinery
+compiled = []
+to_code = machinery.SourceFileLoader.source_to_code
+def spy(self, data, path, *args, **kwargs):
+    compiled.append(path)
+    return to_code(self, data, path, *args, **kwargs)
+machinery.SourceFileLoader.source_to_code = spy
+import onnxruntime, uvicorn.main, gunicorn.app.base
+import torchship.cli.serve_cmds, torchship.serving.fastapi_app, torchship.serving.flask_app
+print("\\n".join(compiled))
+"""
+
+
+def test_a_start_loads_bytecode_instead_of_compiling_source(container) -> None:
+    """The server's user cannot write site-packages, so bytecode missing from the image
+    would be compiled again at every start (seconds, for torch)."""
+    name, _ = container
+    podman = shutil.which("podman") or "podman"
+    out = subprocess.run(
+        [podman, "exec", name, "python3", "-c", _COMPILED_AT_START],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == []
+
+
 def test_healthcheck_is_the_readiness_endpoint(container) -> None:
     name, _ = container
     check = inspect_image(TAG)["Healthcheck"]  # kept because the image is docker format
