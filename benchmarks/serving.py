@@ -206,7 +206,8 @@ class Ceiling:
     callers: int
     items_per_s: float
     rows: list[list[str]] = field(default_factory=list)
-    pairs: list[tuple[float, float]] = field(default_factory=list)  # (HTTP req/s, items/s)
+    # (HTTP req/s, items/s in the chosen layout, items/s in the better layout that round)
+    pairs: list[tuple[float, float, float]] = field(default_factory=list)
     paired_with: str = ""
 
     @property
@@ -713,12 +714,16 @@ def pair_with_ceiling(
     """Rounds of the best torchship row and the in-process ceiling back to back.
 
     Background load changes within minutes, so a ceiling measured before the servers
-    started is no fair yardstick; the ratio of each adjacent pair is. The in-process
-    side runs the best runtime at the best batch size in both thread layouts and keeps
-    the better one, since which layout wins also depends on the load of the moment.
+    started is no fair yardstick; the ratio of each adjacent pair is. Both sides are
+    chosen first and then measured afresh: the server row won the sweep, the ceiling's
+    runtime, batch size and thread layout won ``measure_ceiling``. Taking the better of
+    two layouts in every round instead would judge us against the maximum of two noisy
+    samples, which overstates the ceiling (by ~3% here, where both layouts are within
+    noise of each other); that figure is still measured and printed beside the verdict.
     """
     cores = cpu_count()
-    layouts = sorted({(cores, 1), (1, cores)})
+    chosen = (ceiling.threads, ceiling.callers)
+    layouts = [chosen, *sorted({(cores, 1), (1, cores)} - {chosen})]
     predictors = {
         threads: load_predictor(
             store, ceiling.model, runtime=ceiling.key, device="cpu", threads=threads
@@ -729,26 +734,27 @@ def pair_with_ceiling(
     assert batch is not None
     ceiling.paired_with = f"{server.kind.label} @{conns}"
 
-    def inproc() -> float:
-        best = 0.0
+    def inproc() -> tuple[float, float]:
+        rates = []
         for threads, callers in layouts:
             set_threads(threads)
-            best = max(best, burst(predictors[threads], batch, callers, args.duration / 2))
+            rates.append(burst(predictors[threads], batch, callers, args.duration / 2))
         set_threads(1)
-        return best
+        return rates[0], max(rates)
 
     try:
         for r in range(args.pairs):
             if r % 2 == 0:
                 http = run_wrk(server, workload, conns, args.duration).ok_per_s
-                items = inproc()
+                items, better = inproc()
             else:
-                items = inproc()
+                items, better = inproc()
                 http = run_wrk(server, workload, conns, args.duration).ok_per_s
-            ceiling.pairs.append((http, items))
+            ceiling.pairs.append((http, items, better))
             console.print(
                 f"  pair {r + 1}: {server.kind.key} @{conns} {http:,.1f} req/s vs in-process "
-                f"{items:,.1f} items/s = {http / items:.2f}x",
+                f"{items:,.1f} items/s ({ceiling.layout}) = {http / items:.2f}x; vs the "
+                f"better layout this round ({better:,.1f}) {http / better:.2f}x",
                 highlight=False,
             )
     finally:
@@ -854,15 +860,16 @@ def judge(
     ceiling = ceilings.get(TARGET_CEILING_MODEL)
     what = f"ResNet-18: best torchship row >= {TARGET_CEILING:g}x in-process ceiling"
     if ceiling and ceiling.pairs:
-        ratios = [http / inproc for http, inproc in ceiling.pairs if inproc > 0]
-        share = statistics.median(ratios)
-        detail = ", ".join(f"{http:.1f}/{inproc:.1f}" for http, inproc in ceiling.pairs)
+        share = statistics.median(http / items for http, items, _ in ceiling.pairs)
+        strict = statistics.median(http / better for http, _, better in ceiling.pairs)
+        detail = ", ".join(f"{http:.1f}/{items:.1f}" for http, items, _ in ceiling.pairs)
         rows.append(
             [
                 what,
-                f"{ceiling.paired_with} vs {ceiling.runtime} at batch {ceiling.batch} (the "
-                f"better thread layout), back to back: req/s / items/s = {detail}; "
-                f"median ratio {share:.3f}x",
+                f"{ceiling.paired_with} vs {ceiling.runtime} at batch {ceiling.batch}, "
+                f"{ceiling.layout}, back to back: req/s / items/s = {detail}; median ratio "
+                f"{share:.3f}x (against the better of both thread layouts in each round, "
+                f"a max of two noisy samples: {strict:.3f}x)",
                 verdict(share >= TARGET_CEILING),
             ]
         )
@@ -884,6 +891,19 @@ def judge(
     else:
         rows.append(["first prediction after spawn", "not measured", verdict(None)])
     return rows
+
+
+def byte_compile_torchship() -> bool:
+    """Write torchship's bytecode where Python itself would not, so that a restart is timed
+    as on a deployment (pip compiles what it installs); True when that was needed."""
+    import compileall
+
+    if not sys.dont_write_bytecode:
+        return False  # the first start writes it; restarts are what the target times
+    spec = importlib.util.find_spec("torchship")
+    assert spec is not None and spec.origin is not None
+    compileall.compile_dir(Path(spec.origin).parent, quiet=1)  # skips what is up to date
+    return True
 
 
 def torch_import_s(runs: int = 3) -> float:
@@ -1001,6 +1021,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = machine_summary()
     console.print(f"[bold]torchship serving benchmark[/] on {summary}")
     notes: list[str] = []
+    if byte_compile_torchship():
+        notes.append(
+            "torchship's modules were byte-compiled first, as pip does for an installed "
+            "package (PYTHONDONTWRITEBYTECODE is set here: without it every start would "
+            "compile the ~40 modules a server imports from source, ~0.1 s)"
+        )
     ceilings: dict[str, Ceiling] = {}
     servers: list[Server] = []
     points: list[Point] = []
