@@ -265,3 +265,60 @@ def test_a_model_that_fails_to_load_is_reported_and_the_others_serve(
             service.predict(ImagePayload(SAMPLE.read_bytes()))
     finally:
         service.stop()
+
+
+BLANK = textwrap.dedent(
+    """
+    import torch
+    from torchship.serving import ClassifierHandler
+
+    class Blank(ClassifierHandler):
+        def preprocess(self, payload):
+            return torch.zeros(1, *self.predictor.input_spec.shape)
+    """
+)
+
+
+def test_v2_infer_goes_through_a_custom_handlers_preprocess(
+    tmp_path: Path, small_store: Path
+) -> None:
+    """An image sent over the Open Inference Protocol meets the same handler as /predict."""
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from torchship.preprocessing import preprocess_image
+    from torchship.serving.fastapi_app import create_app as create_fastapi
+    from torchship.serving.flask_app import create_app as create_flask
+
+    httpclient = pytest.importorskip("tritonclient.http")
+    path = tmp_path / "blank.py"
+    path.write_text(BLANK)
+    settings = ServeSettings(
+        store=small_store, runtime="eager", handlers={"digits": f"{path}:Blank"}
+    )
+    model = ModelStore(small_store).load("digits").eval()
+    with torch.inference_mode():
+        blank = model(torch.zeros(1, 1, 8, 8)).numpy()
+        plain = model(preprocess_image(SAMPLE.read_bytes(), digits.input_spec())[None]).numpy()
+    assert not np.allclose(blank, plain, atol=1e-3)  # the handler makes a difference
+
+    image = httpclient.InferInput("input", [1], "BYTES")
+    image.set_data_from_numpy(np.array([SAMPLE.read_bytes()], dtype=object))
+    body, json_size = httpclient.InferenceServerClient.generate_request_body([image])
+    headers = {"Inference-Header-Content-Length": str(json_size)}
+    fastapi_app = create_fastapi(settings, load_in_background=False)
+    with TestClient(fastapi_app) as client:
+        r = client.post("/v2/models/digits/infer", content=body, headers=headers)
+        answers = [(r.status_code, r.content, r.headers.get("inference-header-content-length"))]
+    flask_app = create_flask(settings, load_in_background=False)
+    try:
+        r2 = flask_app.test_client().post("/v2/models/digits/infer", data=body, headers=headers)
+        answers.append((r2.status_code, r2.data, r2.headers.get("inference-header-content-length")))
+    finally:
+        flask_app.extensions["torchship"].stop()
+    for status, content, length in answers:
+        assert status == 200, content[:300]
+        result = httpclient.InferenceServerClient.parse_response_body(
+            content, header_length=int(length) if length else None
+        )
+        np.testing.assert_allclose(result.as_numpy("output"), blank, atol=1e-5)

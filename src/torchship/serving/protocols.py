@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from torchship import __version__
-from torchship.errors import InvalidInputError
-from torchship.preprocessing import preprocess_batch
+from torchship.errors import InvalidInputError, PayloadTooLargeError
 from torchship.serving import v2
+from torchship.serving.payloads import ImagePayload, TensorPayload
 from torchship.serving.service import InferenceService, LoadedModel, Prediction
 
 V2_EXTENSIONS = ["binary_tensor_data"]
@@ -91,20 +91,24 @@ def v2_decode(
             f"{loaded.name} has no input named {tensor.name!r}; its input is {V2_INPUT!r}.",
             hint=f"GET /v2/models/{loaded.name} lists the inputs.",
         )
-    spec = loaded.predictor.input_spec
+    # Through the model's handler, as /predict goes: a custom preprocess applies here too.
+    handler = loaded.handler
     if tensor.datatype == "BYTES":
-        if spec is None or spec.kind != "image":
-            raise InvalidInputError(f"{loaded.name} takes numbers, not BYTES.")
         items = [bytes(x) for x in np.asarray(tensor.data, dtype=object).reshape(-1)]
+        if not items:
+            raise InvalidInputError("The batch holds no images.", hint="Send at least one image.")
         if len(items) > max_items:  # before decoding any of them
             raise InvalidInputError(f"{len(items)} images in one request; at most {max_items}.")
-        return request, preprocess_batch(items, spec, max_pixels=loaded.handler.max_image_pixels)
-    array = np.asarray(tensor.data)
-    if spec is not None:
-        from torchship.preprocessing import validate_tensor
-
-        return request, validate_tensor(array, spec)
-    return request, torch.as_tensor(array, dtype=torch.float32)
+        batches = []
+        for i, item in enumerate(items):
+            try:
+                batches.append(handler.preprocess(ImagePayload(item)))
+            except (InvalidInputError, PayloadTooLargeError) as exc:
+                if len(items) == 1:
+                    raise
+                raise type(exc)(f"Image {i}: {exc.message}", hint=exc.hint, **exc.details) from exc
+        return request, torch.cat(batches)
+    return request, handler.preprocess(TensorPayload(np.asarray(tensor.data)))
 
 
 def v2_encode(
