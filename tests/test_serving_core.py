@@ -193,6 +193,11 @@ def test_openapi_docs_have_examples(core_store: Path) -> None:
         assert client.get("/docs").status_code == 200
         example = body["application/json"]["examples"]["tensor"]["value"]
         assert client.post("/predict", json=example).status_code == 200
+        v2_body = schema["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]
+        assert {"application/json", "application/octet-stream"} <= set(v2_body)
+        v2_example = v2_body["application/json"]["examples"]["digit"]["value"]
+        r = client.post("/v2/models/digits/infer", json=v2_example)
+        assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [1, 10]
 
 
 def test_a_fast_cpu_model_batches_on_the_event_loop_with_the_same_answers(

@@ -28,7 +28,7 @@ from torchship.errors import (
 )
 from torchship.monitoring.asgi import RequestMonitorMiddleware
 from torchship.monitoring.requests import RequestObserver
-from torchship.serving import docs_page, mar_models, payloads, protocols, status_page
+from torchship.serving import docs_page, mar_models, payloads, protocols, status_page, v2
 from torchship.serving.http import dumps, error_response, start_in_background, stop_loading
 from torchship.serving.management import Management
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE
@@ -111,6 +111,68 @@ PREDICT_BODY = {
             "image/png": {"schema": {"type": "string", "format": "binary"}},
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
             "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+_V2_TENSOR: dict[str, Any] = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": sorted(v2.DATATYPES)},
+        "data": {"type": "array", "description": "Row-major values (nested or flat)."},
+        "parameters": {"type": "object"},
+    },
+}
+V2_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            v2.JSON_CONTENT_TYPE: {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {"type": "array", "items": _V2_TENSOR, "minItems": 1},
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "parameters": {"type": "object"},
+                                },
+                            },
+                        },
+                    },
+                },
+                "examples": {
+                    "digit": {
+                        "summary": "one 1x8x8 digit for the digits model, FP32 row-major",
+                        "value": {
+                            "inputs": [
+                                {
+                                    "name": "input",
+                                    "shape": [1, 1, 8, 8],
+                                    "datatype": "FP32",
+                                    "data": [0.0] * 64,
+                                }
+                            ]
+                        },
+                    }
+                },
+            },
+            v2.BINARY_CONTENT_TYPE: {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "Triton's binary tensor extension: the JSON header, then the "
+                "raw tensors; the Inference-Header-Content-Length header gives its length.",
+            },
         },
     }
 }
@@ -338,8 +400,10 @@ def create_app(
         loaded = service.get(name, version)
         return JSONResponse({"name": loaded.name, "ready": loaded.ready})
 
-    @app.post("/v2/models/{name}/infer", tags=["v2"])
-    @app.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"])
+    @app.post("/v2/models/{name}/infer", tags=["v2"], openapi_extra=V2_INFER_BODY)
+    @app.post(
+        "/v2/models/{name}/versions/{version}/infer", tags=["v2"], openapi_extra=V2_INFER_BODY
+    )
     async def v2_infer(request: Request, name: str, version: str | None = None) -> Response:
         body = await request.body()
         headers = {k.lower(): v for k, v in request.headers.items()}

@@ -52,7 +52,7 @@ _DTYPES: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype("<f8"),
     "BYTES": np.dtype(object),
 }
-_KNOWN = (*_DTYPES, "BF16")
+DATATYPES = (*_DTYPES, "BF16")  # BF16 through ml_dtypes, where installed
 _LEN = struct.Struct("<I")
 
 
@@ -105,7 +105,7 @@ def numpy_dtype(datatype: str) -> np.dtype[Any]:
         return _DTYPES[datatype]
     except (KeyError, TypeError):
         raise InvalidInputError(
-            f"Unknown datatype {datatype!r}.", hint=f"Use one of {', '.join(_KNOWN)}."
+            f"Unknown datatype {datatype!r}.", hint=f"Use one of {', '.join(DATATYPES)}."
         ) from None
 
 
