@@ -27,6 +27,7 @@ from pathlib import Path
 
 import requests
 import yaml
+from rich.markup import escape
 
 from torchship.demo import train_demo
 from torchship.deploy import free_port, write_package
@@ -65,7 +66,7 @@ try:
     findings = hadolint(dockerfile)
     say(f"hadolint: {findings or 'passed'}")
 except MissingDependencyError as exc:
-    say(f"hadolint: skipped, {exc.message} ({exc.hint})")
+    say(escape(f"hadolint: skipped, {exc.message} ({exc.hint})"))
 
 section("2. torchship package: one model, ready to build")
 ctx = write_package(store, "digits", work / "context")
@@ -166,7 +167,7 @@ try:
         verdict = "CRD (KServe): structure checked by the tests" if crd else problems or "passed"
         rows.append((path, verdict))
 except MissingDependencyError as exc:
-    say(f"kubernetes-validate: skipped, {exc.message} ({exc.hint})")
+    say(escape(f"kubernetes-validate: skipped, {exc.message} ({exc.hint})"))
 else:
     table("kubernetes-validate --strict", ["manifest", "verdict"], rows)
     bad = [row for row in rows if row[1] not in ("passed",) and not str(row[1]).startswith("CRD")]
