@@ -20,13 +20,14 @@ import time
 import zipfile
 
 import requests
+from rich.markup import escape
 
 from torchship.archive import ArchiveError, ModelConfig, build_archive, inspect_archive
 from torchship.export import export_torchscript
 from torchship.preprocessing import tensor_to_image
 from torchship.store import ModelStore
 from torchship.torchserve.config import TorchServeConfig, free_port
-from torchship.torchserve.process import TorchServe, java_available
+from torchship.torchserve.process import TorchServe, why_no_torchserve
 from torchship.tutorial import human_size, say, section, table, workdir
 from torchship.zoo import digits
 
@@ -170,10 +171,9 @@ finally:
 
 section("4. The same archives in real TorchServe")
 answers = {"native": native}
-if java_available() is None:
-    say(
-        "Java is not installed here, so real TorchServe is skipped (apt-get install openjdk-17-jre)."
-    )
+missing = why_no_torchserve()
+if missing is not None:
+    say(escape(f"real TorchServe is skipped: {missing}"))
 else:
     config = TorchServeConfig(
         home=work / "torchserve",

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from rich.markup import escape
 
 from torchship import batch
+from torchship.errors import MissingDependencyError
 from torchship.monitoring.scrape import scrape
 from torchship.monitoring.tensorboard import read_scalars
 from torchship.store import ModelStore
@@ -215,24 +217,28 @@ try:
     section("5. TensorBoard: a batch job's throughput")
     inputs = work / "digits.npy"
     np.save(inputs, data.x_test.numpy())
-    summary = batch.run(
-        "digits:1",
-        inputs,
-        work / "predictions.csv",
-        store=store,
-        batch_size=32,
-        num_workers=0,
-        runtime="eager",
-        tensorboard=work / "tensorboard",
-    )
-    say(str(summary))
-    (run,) = (work / "tensorboard").iterdir()
-    scalars = read_scalars(run)
-    say(
-        f"TensorBoard run {run.name}: {len(scalars['batch/items_per_s'])} throughput points, "
-        f"tags {sorted(t for t in scalars if t.startswith('batch/summary'))}"
-    )
-    say(f"see it with: tensorboard --logdir {work / 'tensorboard'}")
+    try:
+        summary = batch.run(
+            "digits:1",
+            inputs,
+            work / "predictions.csv",
+            store=store,
+            batch_size=32,
+            num_workers=0,
+            runtime="eager",
+            tensorboard=work / "tensorboard",
+        )
+    except MissingDependencyError as exc:
+        say(escape(f"skipped: {exc.message} ({exc.hint})"))
+    else:
+        say(str(summary))
+        (run,) = (work / "tensorboard").iterdir()
+        scalars = read_scalars(run)
+        say(
+            f"TensorBoard run {run.name}: {len(scalars['batch/items_per_s'])} throughput "
+            f"points, tags {sorted(t for t in scalars if t.startswith('batch/summary'))}"
+        )
+        say(f"see it with: tensorboard --logdir {work / 'tensorboard'}")
 
     section("6. Monitoring tools")
     status = requests.get(f"{base}/status", timeout=10).json()

@@ -73,6 +73,7 @@ from torchship.export import export_onnx, export_torchscript
 from torchship.preprocessing import preprocess_image
 from torchship.runtime import Predictor, RuntimeChoice, load_predictor, set_threads
 from torchship.store import ModelStore
+from torchship.torchserve.process import why_no_torchserve
 from torchship.zoo.resnet import ResNet18, resnet_input_spec
 
 HERE = Path(__file__).resolve().parent
@@ -951,7 +952,7 @@ def peers() -> list[str]:
             "(benchmarks/litserve_app.py), one 1-thread inference process per core, batch 8 "
             "within 5 ms; it reads requests as JSON or forms only, so it has no raw-PNG row."
         )
-    missing = torchserve_missing()
+    missing = why_no_torchserve()
     if missing:
         lines.append(f"TorchServe skipped: {missing}.")
     else:
@@ -960,20 +961,6 @@ def peers() -> list[str]:
             "torchship's image handler), its batching and one Python worker per core."
         )
     return lines
-
-
-def torchserve_missing() -> str | None:
-    """Why real TorchServe cannot run here, or None."""
-    from torchship.torchserve.process import java_available
-
-    if importlib.util.find_spec("ts") is None or (
-        shutil.which("torchserve") is None
-        and not Path(sys.executable).with_name("torchserve").is_file()
-    ):
-        return "no `torchserve` command / `ts` package (pip install 'torchship[torchserve]')"
-    if java_available() is None:
-        return "no Java (TorchServe's front end is a Java program)"
-    return None
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -1022,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed (apt-get install wrk).")
     kinds = [k for k in SERVERS if not args.servers or k.key in args.servers.split(",")]
-    if (not args.servers or TORCHSERVE.key in args.servers.split(",")) and not torchserve_missing():
+    if (not args.servers or TORCHSERVE.key in args.servers.split(",")) and not why_no_torchserve():
         kinds.append(TORCHSERVE)
     if (not args.servers or LITSERVE.key in args.servers.split(",")) and litserve_installed():
         kinds.append(LITSERVE)

@@ -17,6 +17,7 @@ down), then SIGKILL for whatever is left after the timeout.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -53,6 +54,18 @@ def java_available() -> str | None:
     if java_home and Path(java_home, "bin", "java").is_file():
         return str(Path(java_home, "bin", "java"))
     return shutil.which("java")
+
+
+def why_no_torchserve() -> str | None:
+    """Why real TorchServe cannot run here (its package or Java is missing), or None."""
+    beside = Path(sys.executable).with_name("torchserve")
+    if importlib.util.find_spec("ts") is None or not (
+        beside.is_file() or shutil.which("torchserve")
+    ):
+        return "the torchserve package is not installed (pip install 'torchship[torchserve]')"
+    if java_available() is None:
+        return "Java is not installed (apt-get install openjdk-17-jre-headless)"
+    return None
 
 
 def torchserve_executable() -> str:
