@@ -137,3 +137,61 @@ def test_safe_defaults() -> None:
     assert not s.api_keys and s.api_keys_file is None  # auth is on once keys are configured
     assert s.open_paths == ["/health/", "/v2/health/", "/ping", "/metrics"]
     assert s.max_body_bytes == 10 * 1024 * 1024 and s.timeout_s == 30.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_full_queue_is_503_and_a_slow_answer_504_over_a_real_socket(
+    store_root: Path, framework: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the model stuck, the bounded queue refuses at once (503, Retry-After) and a
+    request past its limit gets 504; once the model recovers, the server answers again."""
+    handler = tmp_path / "slow_handler.py"
+    handler.write_text(SLOW_HANDLER)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    monkeypatch.setenv("TORCHSHIP_TEST_FLAGS", str(flags))
+    monkeypatch.setenv("TORCHSHIP_WARMUP", "false")
+    monkeypatch.setenv("TORCHSHIP_TIMEOUT_S", "0.5")
+    monkeypatch.setenv("TORCHSHIP_MAX_QUEUE_SIZE", "1")
+    body = ONE
+    with run_server(
+        store_root,
+        "--model",
+        "digits:1",
+        "--runtime",
+        "eager",
+        "--max-batch-size",
+        "1",
+        "--handler",
+        f"digits={handler}:Slow",
+        framework=framework,
+    ) as (base, _proc):
+        (flags / "slow").touch()
+        answers: dict[str, requests.Response] = {}
+
+        def post(key: str) -> None:
+            answers[key] = requests.post(f"{base}/predict", json=body, timeout=30)
+
+        first = threading.Thread(target=post, args=("stuck",))
+        first.start()
+        deadline = time.monotonic() + 10
+        while not (flags / "started").exists():  # the model is now busy for 2 s
+            assert time.monotonic() < deadline, "the first request never reached the model"
+            time.sleep(0.01)
+        others = [threading.Thread(target=post, args=(f"r{i}",)) for i in range(3)]
+        for t in others:
+            t.start()
+        for t in [first, *others]:
+            t.join(30)
+        assert answers["stuck"].status_code == 504
+        assert answers["stuck"].json()["code"] == "timeout"
+        statuses = sorted(answers[f"r{i}"].status_code for i in range(3))
+        assert 503 in statuses and set(statuses) <= {503, 504}, statuses
+        refused = next(answers[f"r{i}"] for i in range(3) if answers[f"r{i}"].status_code == 503)
+        assert refused.headers["Retry-After"].isdigit() and refused.json()["error"]
+        (flags / "slow").unlink()
+        deadline = time.monotonic() + 15
+        while (r := requests.post(f"{base}/predict", json=body, timeout=30)).status_code != 200:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.2)

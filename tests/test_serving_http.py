@@ -277,10 +277,32 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(
 
 
 def test_wrong_method_and_route(server: str) -> None:
-    r = requests.get(f"{server}/predict", timeout=5)
-    assert r.status_code == 405 and r.json()["code"] == "method_not_allowed"
+    for method, path in (
+        ("GET", "/predict"),
+        ("PUT", "/predict"),
+        ("DELETE", "/v2/models/digits/infer"),
+        ("GET", "/predictions/digits"),
+        ("POST", "/health/ready"),
+    ):
+        r = requests.request(method, f"{server}{path}", timeout=5)
+        assert r.status_code == 405 and r.json()["code"] == "method_not_allowed", (method, path)
     r = requests.post(f"{server}/nope", timeout=5)
     assert r.status_code == 404 and r.json()["code"] == "not_found"
+
+
+def test_a_chunked_body_over_the_limit_gets_413(server: str, expected_sample: str) -> None:
+    """Without Content-Length the limit is enforced while the body streams in."""
+    for path, content_type in (
+        ("/predict", "image/jpeg"),
+        ("/v2/models/digits/infer", "application/json"),
+        ("/predictions/digits", "image/jpeg"),
+    ):
+        chunks = (b"\xff" * 100_000 for _ in range(12))  # 1.2 MB, the limit is 1 MB
+        r = requests.post(
+            f"{server}{path}", data=chunks, headers={"Content-Type": content_type}, timeout=30
+        )
+        assert r.status_code == 413 and r.json()["code"] == "payload_too_large", (path, r.text)
+    assert _image_post(server, "image").json()["predictions"][0]["label"] == expected_sample
 
 
 def test_health_models_metrics(server: str) -> None:
