@@ -334,3 +334,31 @@ print("exiting", flush=True)
     assert proc.returncode == 0, proc.stderr
     # the model in hand finished loading before the interpreter shut down; no other began
     assert proc.stdout.split("\n")[:3] == ["exiting", "loaded digits", ""], proc.stdout
+
+
+def test_v2_health_says_false_with_a_4xx(core_store: Path) -> None:
+    """The Open Inference Protocol's health answers are the status: 200 true, 4xx false."""
+    fast = fastapi_app.create_app(_settings(core_store), load_in_background=False)
+    with TestClient(fast) as client:
+        assert client.get("/v2/health/ready").status_code == 200
+        assert client.get("/v2/models/digits/ready").status_code == 200
+        _not_ready(fast.state.service)
+        assert client.get("/v2/models/digits/ready").status_code == 400
+        assert client.get("/v2/health/ready").json() == {"ready": False}
+        assert client.get("/v2/health/ready").status_code == 400
+        assert client.get("/health/ready").status_code == 503  # torchship's own probe
+    flask = flask_app.create_app(_settings(core_store), load_in_background=False)
+    service = flask.extensions["torchship"]
+    try:
+        client_f = flask.test_client()
+        assert client_f.get("/v2/health/ready").status_code == 200
+        _not_ready(service)
+        assert client_f.get("/v2/models/digits/ready").status_code == 400
+        assert client_f.get("/v2/health/ready").status_code == 400
+        assert client_f.get("/health/ready").status_code == 503
+    finally:
+        service.stop()
+
+
+def _not_ready(service: InferenceService) -> None:
+    service.get("digits", None).ready = False  # as while a reload warms up

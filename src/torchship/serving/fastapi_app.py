@@ -387,7 +387,7 @@ def create_app(
     @app.get("/v2/health/ready", tags=["v2"])
     async def v2_ready() -> JSONResponse:
         ok, _ = service.readiness()
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        return JSONResponse({"ready": ok}, status_code=200 if ok else protocols.V2_NOT_READY)
 
     @app.get("/v2/models/{name}", tags=["v2"])
     @app.get("/v2/models/{name}/versions/{version}", tags=["v2"])
@@ -397,8 +397,8 @@ def create_app(
     @app.get("/v2/models/{name}/ready", tags=["v2"])
     @app.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"])
     async def v2_model_ready(name: str, version: str | None = None) -> JSONResponse:
-        loaded = service.get(name, version)
-        return JSONResponse({"name": loaded.name, "ready": loaded.ready})
+        body, status = protocols.v2_model_ready(service, name, version)
+        return JSONResponse(body, status_code=status)
 
     @app.post("/v2/models/{name}/infer", tags=["v2"], openapi_extra=V2_INFER_BODY)
     @app.post(

@@ -220,7 +220,7 @@ def create_app(
     @app.get("/v2/health/ready")
     def v2_ready() -> Response:
         ok, _ = service.readiness()
-        return _json({"ready": ok}, 200 if ok else 503)
+        return _json({"ready": ok}, 200 if ok else protocols.V2_NOT_READY)
 
     @app.get("/v2/models/<name>")
     @app.get("/v2/models/<name>/versions/<version>")
@@ -230,8 +230,7 @@ def create_app(
     @app.get("/v2/models/<name>/ready")
     @app.get("/v2/models/<name>/versions/<version>/ready")
     def v2_model_ready(name: str, version: str | None = None) -> Response:
-        loaded = service.get(name, version)
-        return _json({"name": loaded.name, "ready": loaded.ready})
+        return _json(*protocols.v2_model_ready(service, name, version))
 
     @app.post("/v2/models/<name>/infer")
     @app.post("/v2/models/<name>/versions/<version>/infer")

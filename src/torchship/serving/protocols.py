@@ -13,12 +13,15 @@ import numpy as np
 import torch
 
 from torchship import __version__
-from torchship.errors import InvalidInputError, PayloadTooLargeError
+from torchship.errors import InvalidInputError, ModelNotReadyError, PayloadTooLargeError
 from torchship.serving import v2
 from torchship.serving.payloads import ImagePayload, TensorPayload
 from torchship.serving.service import InferenceService, LoadedModel, Prediction
 
 V2_EXTENSIONS = ["binary_tensor_data"]
+# The protocol's health answers are the status alone: 200 is true, a 4xx false (Triton
+# answers 400), so "not ready" is not the 503 of torchship's own /health/ready.
+V2_NOT_READY = 400
 PLATFORMS = {
     "eager": "pytorch",
     "torchscript": "pytorch_libtorch",
@@ -62,6 +65,18 @@ def v2_model_metadata(service: InferenceService, loaded: LoadedModel) -> dict[st
         [(V2_INPUT, "FP32", shape)],
         [(name, "FP32", n_out) for name in outputs[:1]],
     )
+
+
+def v2_model_ready(
+    service: InferenceService, name: str, version: str | None
+) -> tuple[dict[str, Any], int]:
+    """The body and status of ``.../ready``: 200 when ready, 400 while loading or
+    draining; an unknown model or version stays a 404."""
+    try:
+        loaded = service.get(name, version)
+    except ModelNotReadyError:
+        return {"name": name, "ready": False}, V2_NOT_READY
+    return {"name": loaded.name, "ready": True}, 200
 
 
 def v2_decode(
