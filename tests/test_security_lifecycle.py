@@ -195,3 +195,53 @@ def test_a_full_queue_is_503_and_a_slow_answer_504_over_a_real_socket(
         while (r := requests.post(f"{base}/predict", json=body, timeout=30)).status_code != 200:
             assert time.monotonic() < deadline, r.text
             time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_flask_refuses_past_the_queue_limit_instead_of_queueing_in_gunicorn(
+    store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With its 8 HTTP threads all waiting on a stuck model, a Flask worker answers 503 to
+    requests past ``max_queue_size`` waiting for a thread, and still answers probes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    handler = tmp_path / "slow_handler.py"
+    handler.write_text(SLOW_HANDLER)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    monkeypatch.setenv("TORCHSHIP_TEST_FLAGS", str(flags))
+    monkeypatch.setenv("TORCHSHIP_WARMUP", "false")
+    monkeypatch.setenv("TORCHSHIP_MAX_QUEUE_SIZE", "8")
+    with run_server(
+        store_root,
+        "--model",
+        "digits:1",
+        "--runtime",
+        "eager",
+        "--max-batch-size",
+        "8",
+        "--handler",
+        f"digits={handler}:Slow",
+        framework="flask",
+    ) as (base, _proc):
+        (flags / "slow").touch()
+
+        def post(_: int) -> requests.Response:
+            return requests.post(f"{base}/predict", json=ONE, timeout=60)
+
+        with ThreadPoolExecutor(32) as pool:
+            futures = [pool.submit(post, i) for i in range(32)]
+            time.sleep(1.0)  # every thread busy, the wait queue full: a probe still answers
+            began = time.monotonic()
+            assert requests.get(f"{base}/health/live", timeout=10).status_code == 200
+            assert time.monotonic() - began < 1.0
+            (flags / "slow").unlink()
+            answers = [f.result() for f in futures]
+        refused = [r for r in answers if r.status_code == 503]
+        assert {r.status_code for r in answers} <= {200, 503}
+        assert any("waiting in this worker" in r.json()["error"] for r in refused), [
+            r.json() for r in refused
+        ]
+        assert all(r.json()["code"] == "queue_full" for r in refused)
+        assert all(r.headers["Retry-After"].isdigit() for r in refused)
+        assert sum(r.status_code == 200 for r in answers) >= 9  # the stuck batch and more

@@ -13,12 +13,14 @@ from torchship.errors import (
     InvalidInputError,
     MethodNotAllowedError,
     PayloadTooLargeError,
+    QueueFullError,
     RouteNotFoundError,
     TorchshipError,
 )
 from torchship.monitoring.requests import RequestObserver
 from torchship.monitoring.wsgi import gunicorn_logger_class, install_flask
 from torchship.serving import docs_page, mar_models, payloads, protocols, status_page
+from torchship.serving.gunicorn_worker import shedding
 from torchship.serving.http import dumps, error_response, port_refuses, start_in_background
 from torchship.serving.management import Management
 from torchship.serving.metrics import PROMETHEUS_CONTENT_TYPE, mark_worker_dead
@@ -90,6 +92,16 @@ def create_app(
             g.request_info = RequestInfo(request.method, request.path, headers, request.remote_addr)
         info: RequestInfo = g.request_info
         return info
+
+    @app.before_request
+    def _shed() -> None:
+        """Refused by the gunicorn worker: too many requests were waiting for a thread.
+        Health probes and /metrics are answered even then."""
+        if shedding() and not gate.is_open(request.path):
+            raise QueueFullError(
+                f"Over {settings.max_queue_size} requests are waiting in this worker.",
+                hint="Retry after the Retry-After delay, or add workers or replicas.",
+            )
 
     @app.before_request
     def _admit() -> Response | None:
@@ -417,7 +429,8 @@ def serve_gunicorn(settings: ServeSettings, workers: int) -> None:
                 binds.append(f"{settings.host}:{settings.management_port}")
             self.cfg.set("bind", binds)
             self.cfg.set("workers", workers)
-            self.cfg.set("worker_class", "gthread")
+            # gthread, plus a bound on requests waiting for a thread (503 past it)
+            self.cfg.set("worker_class", "torchship.serving.gunicorn_worker.SheddingWorker")
             self.cfg.set("threads", 8)
             self.cfg.set(
                 "graceful_timeout", int(settings.graceful_timeout_s + settings.drain_delay_s)
