@@ -3,10 +3,13 @@ finishes in-flight requests and exits 0."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import subprocess
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,11 +83,16 @@ SLOW_HANDLER = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_sigterm_not_ready_first_then_drains_in_flight_and_exits_0(
-    store_root: Path, framework: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@contextlib.contextmanager
+def slow_server(
+    store_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    framework: str,
+    *args: str,
+    max_batch_size: int = 1,
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """A server whose model is slow while ``flags/slow`` exists: (base, process, flags)."""
     handler = tmp_path / "slow_handler.py"
     handler.write_text(SLOW_HANDLER)
     flags = tmp_path / "flags"
@@ -98,13 +106,25 @@ def test_sigterm_not_ready_first_then_drains_in_flight_and_exits_0(
         "--runtime",
         "eager",
         "--max-batch-size",
-        "1",
+        str(max_batch_size),
         "--handler",
         f"digits={handler}:Slow",
-        "--drain-delay-s",
-        "1.5",
+        *args,
         framework=framework,
     ) as (base, proc):
+        yield base, proc, flags
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_sigterm_not_ready_first_then_drains_in_flight_and_exits_0(
+    store_root: Path, framework: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with slow_server(store_root, tmp_path, monkeypatch, framework, "--drain-delay-s", "1.5") as (
+        base,
+        proc,
+        flags,
+    ):
         (flags / "slow").touch()
         in_flight: list[requests.Response] = []
         worker = threading.Thread(
@@ -146,27 +166,10 @@ def test_a_full_queue_is_503_and_a_slow_answer_504_over_a_real_socket(
 ) -> None:
     """With the model stuck, the bounded queue refuses at once (503, Retry-After) and a
     request past its limit gets 504; once the model recovers, the server answers again."""
-    handler = tmp_path / "slow_handler.py"
-    handler.write_text(SLOW_HANDLER)
-    flags = tmp_path / "flags"
-    flags.mkdir()
-    monkeypatch.setenv("TORCHSHIP_TEST_FLAGS", str(flags))
-    monkeypatch.setenv("TORCHSHIP_WARMUP", "false")
     monkeypatch.setenv("TORCHSHIP_TIMEOUT_S", "0.5")
     monkeypatch.setenv("TORCHSHIP_MAX_QUEUE_SIZE", "1")
     body = ONE
-    with run_server(
-        store_root,
-        "--model",
-        "digits:1",
-        "--runtime",
-        "eager",
-        "--max-batch-size",
-        "1",
-        "--handler",
-        f"digits={handler}:Slow",
-        framework=framework,
-    ) as (base, _proc):
+    with slow_server(store_root, tmp_path, monkeypatch, framework) as (base, _proc, flags):
         (flags / "slow").touch()
         answers: dict[str, requests.Response] = {}
 
@@ -205,25 +208,12 @@ def test_flask_refuses_past_the_queue_limit_instead_of_queueing_in_gunicorn(
     requests past ``max_queue_size`` waiting for a thread, and still answers probes."""
     from concurrent.futures import ThreadPoolExecutor
 
-    handler = tmp_path / "slow_handler.py"
-    handler.write_text(SLOW_HANDLER)
-    flags = tmp_path / "flags"
-    flags.mkdir()
-    monkeypatch.setenv("TORCHSHIP_TEST_FLAGS", str(flags))
-    monkeypatch.setenv("TORCHSHIP_WARMUP", "false")
     monkeypatch.setenv("TORCHSHIP_MAX_QUEUE_SIZE", "8")
-    with run_server(
-        store_root,
-        "--model",
-        "digits:1",
-        "--runtime",
-        "eager",
-        "--max-batch-size",
-        "8",
-        "--handler",
-        f"digits={handler}:Slow",
-        framework="flask",
-    ) as (base, _proc):
+    with slow_server(store_root, tmp_path, monkeypatch, "flask", max_batch_size=8) as (
+        base,
+        _proc,
+        flags,
+    ):
         (flags / "slow").touch()
 
         def post(_: int) -> requests.Response:
