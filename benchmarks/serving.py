@@ -749,8 +749,8 @@ def pair_with_ceiling(
             set_threads(threads)
             batch = batches[(rt, threads)]
             assert batch is not None
-            rates[(rt, threads, callers)] = burst(
-                predictors[(rt, threads)], batch, callers, args.duration / 2
+            rates[(rt, threads, callers)] = burst(  # all of them: as long as the HTTP run
+                predictors[(rt, threads)], batch, callers, args.duration / len(configs)
             )
         set_threads(1)
         return rates

@@ -235,3 +235,28 @@ def test_flask_refuses_past_the_queue_limit_instead_of_queueing_in_gunicorn(
         assert all(r.json()["code"] == "queue_full" for r in refused)
         assert all(r.headers["Retry-After"].isdigit() for r in refused)
         assert sum(r.status_code == 200 for r in answers) >= 9  # the stuck batch and more
+
+
+@pytest.mark.slow
+def test_flask_refuses_a_request_that_waited_its_whole_time_limit_for_a_thread(
+    store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the count limit, a request that waited ``timeout_s`` for a thread is refused
+    when it gets one (503) instead of starting its model time only then."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("TORCHSHIP_TIMEOUT_S", "1")
+    with slow_server(store_root, tmp_path, monkeypatch, "flask") as (base, _proc, flags):
+        (flags / "slow").touch()
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(
+                pool.map(
+                    lambda _: requests.post(f"{base}/predict", json=ONE, timeout=60), range(24)
+                )
+            )
+        (flags / "slow").unlink()
+        codes = {r.status_code for r in answers}
+        assert codes <= {503, 504} and 503 in codes, codes
+        assert any(
+            "for longer than 1 s" in r.json()["error"] for r in answers if r.status_code == 503
+        )

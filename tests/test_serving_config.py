@@ -17,7 +17,7 @@ from torchship.errors import ConfigError, ServiceUnavailableError
 from torchship.serving import ImagePayload, InferenceService, ServeSettings
 from torchship.serving.handlers import load_handler
 from torchship.settings import load_settings
-from torchship.store import ModelStore
+from torchship.store import InputSpec, ModelStore
 from torchship.zoo import digits
 
 
@@ -322,3 +322,47 @@ def test_v2_infer_goes_through_a_custom_handlers_preprocess(
             content, header_length=int(length) if length else None
         )
         np.testing.assert_allclose(result.as_numpy("output"), blank, atol=1e-5)
+
+
+UNBATCHED = textwrap.dedent(
+    """
+    import torch
+    from torchship.serving import ClassifierHandler
+
+    class Unbatched(ClassifierHandler):
+        def preprocess(self, payload):
+            return torch.zeros(*self.predictor.input_spec.shape)  # forgot the batch axis
+    """
+)
+
+
+def test_v2_refuses_bytes_for_a_tensor_model_and_a_handler_that_breaks_the_batch(
+    tmp_path: Path, small_store: Path
+) -> None:
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from torchship.serving.fastapi_app import create_app as create_fastapi
+
+    httpclient = pytest.importorskip("tritonclient.http")
+    image = httpclient.InferInput("input", [2], "BYTES")
+    image.set_data_from_numpy(np.array([SAMPLE.read_bytes()] * 2, dtype=object))
+    body, json_size = httpclient.InferenceServerClient.generate_request_body([image])
+    headers = {"Inference-Header-Content-Length": str(json_size)}
+    path = tmp_path / "unbatched.py"
+    path.write_text(UNBATCHED)
+    settings = ServeSettings(
+        store=small_store, runtime="eager", handlers={"digits": f"{path}:Unbatched"}
+    )
+    with TestClient(create_fastapi(settings, load_in_background=False)) as client:
+        r = client.post("/v2/models/digits/infer", content=body, headers=headers)
+        assert r.status_code == 500 and "Unbatched.preprocess" in r.json()["error"]
+        assert client.get("/health/ready").status_code == 200  # still serving
+    tensor_model = tmp_path / "tensor" / "models"
+    linear = torch.nn.Linear(4, 2)
+    linear.init_kwargs = {"in_features": 4, "out_features": 2}  # type: ignore[assignment]
+    ModelStore(tensor_model).save(linear, "lin", input_spec=InputSpec(shape=[4]))
+    settings = ServeSettings(store=tensor_model, models=["lin"], runtime="eager")
+    with TestClient(create_fastapi(settings, load_in_background=False)) as client:
+        r = client.post("/v2/models/lin/infer", content=body, headers=headers)
+        assert r.status_code == 400 and "not BYTES" in r.json()["error"]

@@ -352,6 +352,9 @@ def test_v2_health_says_false_with_a_4xx(core_store: Path) -> None:
     try:
         client_f = flask.test_client()
         assert client_f.get("/v2/health/ready").status_code == 200
+        service.begin_drain()  # SIGTERM seen: still serving, no longer ready
+        assert client_f.get("/v2/models/digits/ready").status_code == 400
+        assert client_f.post("/predict", json={"inputs": [[[0.0] * 8] * 8]}).status_code == 200
         _not_ready(service)
         assert client_f.get("/v2/models/digits/ready").status_code == 400
         assert client_f.get("/v2/health/ready").status_code == 400

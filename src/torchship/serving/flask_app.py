@@ -95,11 +95,12 @@ def create_app(
 
     @app.before_request
     def _shed() -> None:
-        """Refused by the gunicorn worker: too many requests were waiting for a thread.
-        Health probes and /metrics are answered even then."""
+        """Refused by the gunicorn worker (see torchship.serving.gunicorn_worker); health
+        probes and /metrics are answered even then."""
         if shedding() and not gate.is_open(request.path):
             raise QueueFullError(
-                f"Over {settings.max_queue_size} requests are waiting in this worker.",
+                f"Too many requests are waiting in this worker (over "
+                f"{settings.max_queue_size}, or for longer than {settings.timeout_s:g} s).",
                 hint="Retry after the Retry-After delay, or add workers or replicas.",
             )
 

@@ -1,75 +1,96 @@
-"""gunicorn's threaded worker with a bounded wait: over the limit, a request gets a 503.
+"""gunicorn's threaded worker with a bounded wait: past it, a request gets a 503.
 
 A Flask worker runs a few HTTP threads; once all of them wait on the model, gunicorn
 queues every further request for a thread, with no limit and no timeout, so under
 overload latency grows without bound while the batcher's own bounded queue never fills.
-This worker counts the requests waiting for a thread and, past ``max_queue_size``, hands
-the request to a small separate pool whose threads answer it at once with the usual 503
-``queue_full`` (and ``Retry-After``) through the app's error handling.
+This worker refuses, with the usual 503 ``queue_full`` and ``Retry-After`` from the app's
+error handling, a request that finds ``max_queue_size`` requests already waiting for a
+thread (answered at once by two spare threads) and one that waited longer than
+``timeout_s`` for its thread (the request's whole time limit, spent before it started).
+Refused requests close their connection, so a refused client cannot hold a spare thread
+with its next request.
 """
 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from gunicorn.workers.gthread import ThreadWorker
 
 _local = threading.local()
-SHED_THREADS = 2
+SPARE_THREADS = 2
 
 
 def shedding() -> bool:
-    """True inside the request this worker decided to refuse (see :class:`SheddingWorker`)."""
+    """True inside a request this worker decided to refuse (see :class:`SheddingWorker`)."""
     return bool(getattr(_local, "shed", False))
 
 
-class SheddingWorker(ThreadWorker):  # type: ignore[misc]
-    """``gthread``, plus a limit on the requests waiting for one of its threads."""
+class _Pools:
+    """What gthread takes for its thread pool: the worker's threads, and the spare ones
+    for connections marked to be refused."""
 
-    tpool: ThreadPoolExecutor  # gthread's pool, made in its init_process
+    def __init__(self, threads: int) -> None:
+        self.main = ThreadPoolExecutor(threads)
+        self.spare = ThreadPoolExecutor(SPARE_THREADS, thread_name_prefix="refuse")
+
+    def submit(self, fn: Callable[..., Any], conn: Any, *args: Any) -> Future[Any]:
+        pool = self.spare if getattr(conn, "torchship_refuse", False) else self.main
+        return pool.submit(fn, conn, *args)
+
+    def shutdown(self, wait: bool = True, **kwargs: Any) -> None:
+        self.main.shutdown(wait, **kwargs)
+        self.spare.shutdown(wait, **kwargs)
+
+
+class SheddingWorker(ThreadWorker):  # type: ignore[misc]
+    """``gthread``, plus limits on the requests waiting for one of its threads."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._waiting = 0
         self._waiting_lock = threading.Lock()
         self._limit: int | None = None
-        self._shed_pool: ThreadPoolExecutor | None = None
+        self._timeout_s: float | None = None
 
     def init_process(self) -> None:
         from torchship.serving.settings import ServeSettings
         from torchship.settings import load_settings
 
-        self._limit = load_settings(cls=ServeSettings).max_queue_size
-        self._shed_pool = ThreadPoolExecutor(SHED_THREADS, thread_name_prefix="shed")
+        settings = load_settings(cls=ServeSettings)
+        self._limit, self._timeout_s = settings.max_queue_size, settings.timeout_s
         super().init_process()  # runs the worker until it exits
 
+    def get_thread_pool(self) -> _Pools:
+        return _Pools(self.cfg.threads)
+
     def enqueue_req(self, conn: Any) -> None:
-        # Called on the worker's main (poller) thread only, so swapping the pool is safe.
         with self._waiting_lock:
-            shed = self._limit is not None and self._waiting >= self._limit
-            if not shed:
+            refuse = self._limit is not None and self._waiting >= self._limit
+            if not refuse:
                 self._waiting += 1
-        conn.torchship_shed = shed
-        if not shed or self._shed_pool is None:
-            super().enqueue_req(conn)
-            return
-        pool = self.tpool
-        self.tpool = self._shed_pool
-        try:
-            super().enqueue_req(conn)
-        finally:
-            self.tpool = pool
+        conn.torchship_refuse = refuse
+        conn.torchship_queued_at = time.monotonic()
+        super().enqueue_req(conn)
 
     def handle(self, conn: Any) -> Any:
-        if not getattr(conn, "torchship_shed", False):
+        if not getattr(conn, "torchship_refuse", False):
             with self._waiting_lock:  # it has a thread now: no longer waiting
                 self._waiting -= 1
         return super().handle(conn)
 
     def handle_request(self, req: Any, conn: Any) -> Any:
-        _local.shed = getattr(conn, "torchship_shed", False)
+        waited = time.monotonic() - getattr(conn, "torchship_queued_at", time.monotonic())
+        refuse = getattr(conn, "torchship_refuse", False) or (
+            self._timeout_s is not None and waited > self._timeout_s
+        )
+        if refuse:
+            req.must_close = True  # its next request gets a fresh decision, not this thread
+        _local.shed = refuse
         try:
             return super().handle_request(req, conn)
         finally:

@@ -13,7 +13,12 @@ import numpy as np
 import torch
 
 from torchship import __version__
-from torchship.errors import InvalidInputError, ModelNotReadyError, PayloadTooLargeError
+from torchship.errors import (
+    InferenceError,
+    InvalidInputError,
+    ModelNotReadyError,
+    PayloadTooLargeError,
+)
 from torchship.serving import v2
 from torchship.serving.payloads import ImagePayload, TensorPayload
 from torchship.serving.service import InferenceService, LoadedModel, Prediction
@@ -71,11 +76,13 @@ def v2_model_ready(
     service: InferenceService, name: str, version: str | None
 ) -> tuple[dict[str, Any], int]:
     """The body and status of ``.../ready``: 200 when ready, 400 while loading or
-    draining; an unknown model or version stays a 404."""
+    draining (as ``/v2/health/ready``); an unknown model or version stays a 404."""
     try:
         loaded = service.get(name, version)
     except ModelNotReadyError:
         return {"name": name, "ready": False}, V2_NOT_READY
+    if service.draining:
+        return {"name": loaded.name, "ready": False}, V2_NOT_READY
     return {"name": loaded.name, "ready": True}, 200
 
 
@@ -109,6 +116,12 @@ def v2_decode(
     # Through the model's handler, as /predict goes: a custom preprocess applies here too.
     handler = loaded.handler
     if tensor.datatype == "BYTES":
+        spec = loaded.predictor.input_spec
+        if spec is not None and spec.kind != "image":
+            raise InvalidInputError(
+                f"{loaded.name} takes numbers, not BYTES.",
+                hint=f"GET /v2/models/{loaded.name} gives the input's datatype and shape.",
+            )
         items = [bytes(x) for x in np.asarray(tensor.data, dtype=object).reshape(-1)]
         if not items:
             raise InvalidInputError("The batch holds no images.", hint="Send at least one image.")
@@ -122,6 +135,14 @@ def v2_decode(
                 if len(items) == 1:
                     raise
                 raise type(exc)(f"Image {i}: {exc.message}", hint=exc.hint, **exc.details) from exc
+        spec = loaded.predictor.input_spec
+        shape = tuple(spec.shape) if spec is not None else tuple(batches[0].shape[1:])
+        if any(b.ndim < 2 or tuple(b.shape[1:]) != shape for b in batches):
+            raise InferenceError(
+                f"{type(handler).__name__}.preprocess returned tensors of shapes "
+                f"{sorted({tuple(b.shape) for b in batches})}: not batches of one shape.",
+                hint="preprocess must return a batch (N, ...), as for /predict.",
+            )
         return request, torch.cat(batches)
     return request, handler.preprocess(TensorPayload(np.asarray(tensor.data)))
 
