@@ -135,7 +135,6 @@ def v2_decode(
                 if len(items) == 1:
                     raise
                 raise type(exc)(f"Image {i}: {exc.message}", hint=exc.hint, **exc.details) from exc
-        spec = loaded.predictor.input_spec
         shape = tuple(spec.shape) if spec is not None else tuple(batches[0].shape[1:])
         if any(b.ndim < 2 or tuple(b.shape[1:]) != shape for b in batches):
             raise InferenceError(
