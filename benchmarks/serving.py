@@ -215,8 +215,11 @@ class Ceiling:
 
     @property
     def layout(self) -> str:
-        c, t = self.callers, self.threads
-        return f"{c} caller{'s' * (c > 1)} x {t} thread{'s' * (t > 1)}"
+        return layout_text(self.callers, self.threads)
+
+
+def layout_text(callers: int, threads: int) -> str:
+    return f"{callers} caller{'s' * (callers > 1)} x {threads} thread{'s' * (threads > 1)}"
 
 
 # --- the model store and request bodies ---------------------------------------------------
@@ -738,10 +741,7 @@ def pair_with_ceiling(
 
     def label(config: tuple[RuntimeChoice, int, int]) -> str:
         rt, threads, callers = config
-        name = predictors[(rt, threads)].runtime
-        return (
-            f"{name} {callers} caller{'s' * (callers > 1)} x {threads} thread{'s' * (threads > 1)}"
-        )
+        return f"{predictors[(rt, threads)].runtime} {layout_text(callers, threads)}"
 
     def inproc() -> dict[tuple[RuntimeChoice, int, int], float]:
         rates = {}

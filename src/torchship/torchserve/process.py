@@ -58,11 +58,12 @@ def java_available() -> str | None:
 
 def why_no_torchserve() -> str | None:
     """Why real TorchServe cannot run here (its package or Java is missing), or None."""
-    beside = Path(sys.executable).with_name("torchserve")
-    if importlib.util.find_spec("ts") is None or not (
-        beside.is_file() or shutil.which("torchserve")
-    ):
-        return "the torchserve package is not installed (pip install 'torchship[torchserve]')"
+    try:
+        torchserve_executable()
+    except MissingDependencyError as exc:
+        return f"{exc.message} ({exc.hint})"
+    if importlib.util.find_spec("ts") is None:
+        return "the torchserve command has no 'ts' package (pip install 'torchship[torchserve]')"
     if java_available() is None:
         return "Java is not installed (apt-get install openjdk-17-jre-headless)"
     return None
