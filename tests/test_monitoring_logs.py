@@ -94,6 +94,29 @@ def test_text_lines_show_the_request_id_and_fields() -> None:
     assert "status=200" in text and 'path="/a b"' in text
 
 
+def test_text_lines_read_like_the_standard_formatter_across_seconds() -> None:
+    """The time is formatted once per second and reused: each line still shows its own
+    second and milliseconds, also when the clock goes back; tracebacks and stacks
+    follow on their own lines, as logging.Formatter puts them."""
+    reference = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    ours = TextFormatter()
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc_info = __import__("sys").exc_info()
+    start = 1_700_000_000.0
+    for created, message, exc, stack in [
+        (start + 0.001, "a", None, None),
+        (start + 0.999, "b", None, None),
+        (start + 1.25, "ends with a newline\n", exc_info, None),
+        (start - 3600.5, "earlier", None, "Stack (most recent call last):\n  here"),
+        (start + 1.5, "c", exc_info, "Stack (most recent call last):\n  here"),
+    ]:
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, message, (), exc, sinfo=stack)
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        assert ours.format(record) == reference.format(record)
+
+
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
