@@ -20,8 +20,8 @@ import contextlib
 import functools
 import io
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from torchship.errors import (
     PayloadTooLargeError,
 )
 from torchship.store.manifest import InputSpec
+
+T = TypeVar("T")
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -213,17 +215,25 @@ def preprocess_batch(
     items: Sequence[bytes], spec: InputSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> torch.Tensor:
     """Several encoded images to one batch (N, *spec.shape); errors name the bad item."""
+    return torch.stack(
+        each_image(items, lambda data: preprocess_image(data, spec, max_pixels=max_pixels))
+    )
+
+
+def each_image(items: Sequence[bytes], preprocess: Callable[[bytes], T]) -> list[T]:
+    """``preprocess`` applied to each encoded image of a request; a refusal names the
+    image (``Image 2: ...``) when there are several, and an empty list is refused."""
     if len(items) == 0:
         raise InvalidInputError("The batch holds no images.", hint="Send at least one image.")
-    tensors = []
+    out = []
     for i, data in enumerate(items):
         try:
-            tensors.append(preprocess_image(data, spec, max_pixels=max_pixels))
+            out.append(preprocess(data))
         except (InvalidInputError, PayloadTooLargeError) as exc:
             if len(items) == 1:
                 raise
             raise type(exc)(f"Image {i}: {exc.message}", hint=exc.hint, **exc.details) from exc
-    return torch.stack(tensors)
+    return out
 
 
 def _draft_size(spec: InputSpec) -> tuple[int, int]:

@@ -13,12 +13,8 @@ import numpy as np
 import torch
 
 from torchship import __version__
-from torchship.errors import (
-    InferenceError,
-    InvalidInputError,
-    ModelNotReadyError,
-    PayloadTooLargeError,
-)
+from torchship.errors import InferenceError, InvalidInputError, ModelNotReadyError
+from torchship.preprocessing import each_image
 from torchship.serving import v2
 from torchship.serving.payloads import ImagePayload, TensorPayload
 from torchship.serving.service import InferenceService, LoadedModel, Prediction
@@ -123,18 +119,9 @@ def v2_decode(
                 hint=f"GET /v2/models/{loaded.name} gives the input's datatype and shape.",
             )
         items = [bytes(x) for x in np.asarray(tensor.data, dtype=object).reshape(-1)]
-        if not items:
-            raise InvalidInputError("The batch holds no images.", hint="Send at least one image.")
         if len(items) > max_items:  # before decoding any of them
             raise InvalidInputError(f"{len(items)} images in one request; at most {max_items}.")
-        batches = []
-        for i, item in enumerate(items):
-            try:
-                batches.append(handler.preprocess(ImagePayload(item)))
-            except (InvalidInputError, PayloadTooLargeError) as exc:
-                if len(items) == 1:
-                    raise
-                raise type(exc)(f"Image {i}: {exc.message}", hint=exc.hint, **exc.details) from exc
+        batches = each_image(items, lambda item: handler.preprocess(ImagePayload(item)))
         shape = tuple(spec.shape) if spec is not None else tuple(batches[0].shape[1:])
         if any(b.ndim < 2 or tuple(b.shape[1:]) != shape for b in batches):
             raise InferenceError(
