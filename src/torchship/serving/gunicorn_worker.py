@@ -78,15 +78,17 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
         super().enqueue_req(conn)
 
     def handle(self, conn: Any) -> Any:
-        if not getattr(conn, "torchship_refuse", False):
+        # Timed here, when a thread takes it: the wait for the client's bytes that
+        # follows is the client's slowness, not this worker's queue.
+        conn.torchship_waited = time.monotonic() - conn.torchship_queued_at
+        if not conn.torchship_refuse:
             with self._waiting_lock:  # it has a thread now: no longer waiting
                 self._waiting -= 1
         return super().handle(conn)
 
     def handle_request(self, req: Any, conn: Any) -> Any:
-        waited = time.monotonic() - getattr(conn, "torchship_queued_at", time.monotonic())
-        refuse = getattr(conn, "torchship_refuse", False) or (
-            self._timeout_s is not None and waited > self._timeout_s
+        refuse = conn.torchship_refuse or (
+            self._timeout_s is not None and conn.torchship_waited > self._timeout_s
         )
         if refuse:
             req.must_close = True  # its next request gets a fresh decision, not this thread
