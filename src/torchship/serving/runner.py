@@ -30,6 +30,7 @@ from torchship.serving.metrics import (
     multiprocess_dir,
     prepare_multiprocess_dir,
 )
+from torchship.serving.one_write import OneWriteHttpProtocol
 from torchship.serving.service import preflight
 from torchship.serving.settings import ServeSettings
 
@@ -130,6 +131,7 @@ def _uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
         # X-Forwarded-For is trusted only from trusted_proxies, by torchship's gate;
         # uvicorn's own rewrite trusts 127.0.0.1 and parses addresses on every request.
         "proxy_headers": False,
+        "http": OneWriteHttpProtocol,
         "ws": "none",  # no websocket routes: skip importing a websocket stack at start-up
         "log_config": None,  # uvicorn's lines go through torchship's (JSON or text) handler
     }
