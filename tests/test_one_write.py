@@ -1,5 +1,6 @@
-"""Each uvicorn response leaves in one write: the protocol fed bytes, a transport
-that records what the server sends."""
+"""Each response leaves in one write: uvicorn's protocol fed bytes over a transport that
+records what the server sends, and gunicorn's socket wrapper over a recording socket.
+Both servers also answer every real-socket test in test_serving_http.py this way."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.server import ServerState
 
+from torchship.serving.gunicorn_worker import OneWriteSocket
 from torchship.serving.one_write import CoalescingTransport, OneWriteHttpProtocol
 
 
@@ -171,3 +173,61 @@ def test_held_bytes_and_the_end_of_a_connection(end: str) -> None:
     real = asyncio.run(scenario())
     assert real.writes == ([b"head body"] if end == "close" else [])
     assert real.closed
+
+
+# --- gunicorn (Flask) -------------------------------------------------------------------
+
+
+class RecordingSocket:
+    """What gunicorn's response writes to: every ``sendall``, and other calls by name."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.calls: list[str] = []
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        self.sent.append(bytes(data))
+
+    def fileno(self) -> int:
+        self.calls.append("fileno")
+        return 99
+
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"
+
+
+def test_gunicorn_headers_and_body_leave_in_one_send() -> None:
+    sock = RecordingSocket()
+    one = OneWriteSocket(sock)
+    one.sendall(HEAD)
+    assert sock.sent == []  # held for the body
+    one.sendall(b"body")
+    one.sendall(b"more")  # later writes go straight through
+    one.flush()
+    assert sock.sent == [HEAD + b"body", b"more"]
+
+
+def test_gunicorn_a_body_less_answer_is_sent_at_the_end() -> None:
+    sock = RecordingSocket()
+    one = OneWriteSocket(sock)
+    one.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    one.flush()
+    one.flush()
+    assert sock.sent == [b"HTTP/1.1 204 No Content\r\n\r\n"]
+
+
+def test_gunicorn_other_socket_use_sends_the_held_head_first() -> None:
+    sock = RecordingSocket()
+    one = OneWriteSocket(sock)
+    one.sendall(HEAD)
+    assert one.fileno() == 99  # sendfile() of a file body asks for it: headers go first
+    assert sock.sent == [HEAD] and sock.calls == ["fileno"]
+
+
+def test_gunicorn_a_big_body_follows_the_head_without_a_copy() -> None:
+    sock = RecordingSocket()
+    one = OneWriteSocket(sock)
+    big = b"x" * (1024 * 1024)
+    one.sendall(HEAD)
+    one.sendall(big)
+    assert sock.sent == [HEAD, big]

@@ -9,6 +9,10 @@ thread (answered at once by two spare threads) and one that waited longer than
 ``timeout_s`` for its thread (the request's whole time limit, spent before it started).
 Refused requests close their connection, so a refused client cannot hold a spare thread
 with its next request.
+
+gunicorn also writes a response's status line and headers with one ``sendall`` and its
+body with another; the worker joins them (:class:`OneWriteSocket`), as
+``one_write`` does for uvicorn.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from gunicorn.workers.gthread import ThreadWorker
 
 _local = threading.local()
 SPARE_THREADS = 2
+_JOIN_LIMIT = 256 * 1024
+"""Bodies up to this size are joined to the headers; a bigger one follows them (no copy)."""
 
 
 def shedding() -> bool:
@@ -45,6 +51,40 @@ class _Pools:
     def shutdown(self, wait: bool = True, **kwargs: Any) -> None:
         self.main.shutdown(wait, **kwargs)
         self.spare.shutdown(wait, **kwargs)
+
+
+class OneWriteSocket:
+    """A connection's socket for one request: its first ``sendall`` (gunicorn's status
+    line and headers) is held and sent with the next one (the body), so a small answer
+    is one syscall and one TCP segment. Anything else asked of the socket sends what is
+    held first; :meth:`flush` sends it at the end of the request (a body-less answer)."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._head: bytes | None = None
+        self._fresh = True
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        if self._fresh:
+            self._fresh = False
+            self._head = bytes(data)
+            return
+        head, self._head = self._head, None
+        if head is not None:
+            if len(data) <= _JOIN_LIMIT:
+                data = head + data
+            else:
+                self._sock.sendall(head)
+        self._sock.sendall(data, flags)
+
+    def flush(self) -> None:
+        head, self._head = self._head, None
+        if head is not None:
+            self._sock.sendall(head)
+
+    def __getattr__(self, name: str) -> Any:
+        self.flush()  # fileno() for sendfile, send() for 100-continue, close(), ...
+        return getattr(self._sock, name)
 
 
 class SheddingWorker(ThreadWorker):  # type: ignore[misc]
@@ -93,7 +133,11 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
         if refuse:
             req.must_close = True  # its next request gets a fresh decision, not this thread
         _local.shed = refuse
+        sock = conn.sock
+        conn.sock = one_write = OneWriteSocket(sock)
         try:
             return super().handle_request(req, conn)
         finally:
+            conn.sock = sock  # the keep-alive poller and error answers get the real one
             _local.shed = False
+            one_write.flush()
