@@ -209,6 +209,29 @@ def test_what_would_never_be_ready_is_refused_before_serving(small_store: Path) 
             assert message in done.stderr and "Traceback" not in done.stderr, args
 
 
+def test_the_supervisor_of_worker_processes_imports_no_torch(small_store: Path) -> None:
+    """`torchship serve --workers N` checks the settings and the store, then spawns the
+    workers; importing torch there too (~1.3 s, ~250 MB) came before every worker's own."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from torchship.cli import serve_cmds
+        from torchship.serving import runner
+        from torchship.serving.preflight import preflight
+        from torchship.serving.settings import ServeSettings
+        preflight(ServeSettings(store={str(small_store)!r}, models=["digits", "digits:1"]))
+        runner.check_ports(ServeSettings(store={str(small_store)!r}, port=0))
+        print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_model_that_fails_to_load_is_reported_and_the_others_serve(
     tmp_path: Path, small_store: Path
 ) -> None:

@@ -6,7 +6,10 @@
 'digits'
 """
 
-from torchship.archive.build import BuiltArchive, ModelConfig, build_archive
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from torchship.archive.errors import ArchiveError, ArchiveTooLargeError, UnsafeArchiveError
 from torchship.archive.manifest import MANIFEST_PATH, MarManifest, MarModel
 from torchship.archive.reader import (
@@ -16,6 +19,9 @@ from torchship.archive.reader import (
     inspect_archive,
     safe_entry_name,
 )
+
+if TYPE_CHECKING:
+    from torchship.archive.build import BuiltArchive, ModelConfig, build_archive
 
 __all__ = [
     "MANIFEST_PATH",
@@ -33,3 +39,12 @@ __all__ = [
     "inspect_archive",
     "safe_entry_name",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # building imports torch; reading archives (what a server's settings check) does not
+    if name in ("BuiltArchive", "ModelConfig", "build_archive"):
+        from torchship.archive import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module 'torchship.archive' has no attribute {name!r}")

@@ -135,8 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     fields.update(_log_fields(args))
     settings = load_settings(args.config, cls=ServeSettings, **fields)
     if args.engine == "ray":
+        from torchship.serving.preflight import preflight
         from torchship.serving.ray_serve import serve_ray
-        from torchship.serving.service import preflight
 
         preflight(settings)
         serve_ray(settings, replicas=args.replicas)

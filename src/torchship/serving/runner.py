@@ -31,7 +31,7 @@ from torchship.serving.metrics import (
     prepare_multiprocess_dir,
 )
 from torchship.serving.one_write import OneWriteHttpProtocol
-from torchship.serving.service import preflight
+from torchship.serving.preflight import preflight
 from torchship.serving.settings import ServeSettings
 
 log = logging.getLogger("torchship.serving")
@@ -172,7 +172,7 @@ def _serve_uvicorn(settings: ServeSettings, workers: int) -> None:
         return
     os.environ.update(settings_to_env(settings))
     config = uvicorn.Config(
-        "torchship.serving.fastapi_app:app_from_env",
+        "torchship.serving.uvicorn_worker:app_from_env",
         factory=True,
         workers=workers,
         **_uvicorn_options(settings),

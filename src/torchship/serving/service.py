@@ -929,23 +929,3 @@ def _remembered_scaling(entry: dict[str, Any] | None) -> BatchScaling | None:
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
-
-
-def preflight(settings: ServeSettings) -> None:
-    """Refuse, before a server starts, what would keep it from ever being ready: a model
-    or version not in the store, an archive that is not there, an unknown device, a
-    handler that cannot be imported. Cheap: nothing is loaded."""
-    from torchship.devices import resolve_device
-    from torchship.serving.mar_models import resolve_archive_path
-
-    store = ModelStore(settings.store)
-    resolve_device(settings.device)
-    for ref in settings.models:
-        archive = archive_spec(ref)
-        if archive is not None:
-            resolve_archive_path(archive[1], settings.model_store)
-            continue
-        name, version = parse_ref(ref)
-        store.resolve(name, version)
-    for spec in settings.handlers.values():
-        load_handler(spec)

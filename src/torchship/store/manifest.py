@@ -6,7 +6,6 @@ import platform
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
@@ -72,6 +71,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
+def _torch_version() -> str:
+    import torch  # a manifest is made where a model is saved: torch is loaded there
+
+    return torch.__version__
+
+
 def _torchship_version() -> str:
     from torchship import __version__
 
@@ -85,7 +90,7 @@ class Manifest(BaseModel):
     name: str
     version: str
     created_at: str = Field(default_factory=_now)
-    torch_version: str = Field(default_factory=lambda: torch.__version__)
+    torch_version: str = Field(default_factory=_torch_version)
     python_version: str = Field(default_factory=platform.python_version)
     torchship_version: str = Field(default_factory=_torchship_version)
     description: str = ""

@@ -18,14 +18,8 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from safetensors.torch import load_file as _st_load_file
-from safetensors.torch import save_file as _st_save_file
-from torch import nn
-
-from torchship.devices import resolve_device
 from torchship.errors import (
     ArtifactNotFoundError,
     IntegrityError,
@@ -34,7 +28,6 @@ from torchship.errors import (
     VersionExistsError,
     VersionNotFoundError,
 )
-from torchship.store import serialization as ser
 from torchship.store._atomic import (
     file_lock,
     fsync_dir,
@@ -45,6 +38,14 @@ from torchship.store._atomic import (
 )
 from torchship.store._names import parse_ref, validate_name
 from torchship.store.manifest import Architecture, Artifact, FileEntry, InputSpec, Manifest
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch, safetensors and the serializers are imported where weights are read or written:
+# reading manifests and resolving versions (what `torchship serve`'s supervisor does
+# before it starts the workers) needs none of them.
 
 MANIFEST = "manifest.json"
 ALIASES = "aliases.json"
@@ -153,6 +154,10 @@ class ModelStore:
         ``examples`` (a batch of real inputs) is stored beside the weights so exports
         can be verified and servers warmed up on real data.
         """
+        from safetensors.torch import save_file
+
+        from torchship.store import serialization as ser
+
         validate_name(name)
         if version is not None:
             validate_name(version, "version")
@@ -188,9 +193,7 @@ class ModelStore:
             examples_file = None
             if examples is not None:
                 examples_file = "examples.safetensors"
-                _st_save_file(
-                    {"input": examples.detach().cpu().contiguous()}, str(tmp / examples_file)
-                )
+                save_file({"input": examples.detach().cpu().contiguous()}, str(tmp / examples_file))
             manifest = Manifest(
                 name=name,
                 version=version or "0",
@@ -374,6 +377,11 @@ class ModelStore:
         ``model`` (an instance to fill) is given. A whole-model pickle needs
         ``trust_pickle=True``.
         """
+        from torch import nn
+
+        from torchship.devices import resolve_device
+        from torchship.store import serialization as ser
+
         name, version = self._split(ref, version)
         manifest = self.verify(name, version) if verify else self.manifest(name, version)
         _warn_on_version_mismatch(manifest)
@@ -400,8 +408,10 @@ class ModelStore:
         manifest = self.manifest(ref, version)
         if manifest.examples is None:
             return None
+        from safetensors.torch import load_file
+
         path = self.path(manifest.name, manifest.version) / manifest.examples
-        return _st_load_file(str(path))["input"]
+        return load_file(str(path))["input"]
 
     # --- internals ------------------------------------------------------------------
 
@@ -462,6 +472,8 @@ def _version_sort_key(m: Manifest) -> tuple[str, int, str]:
 
 
 def _warn_on_version_mismatch(manifest: Manifest) -> None:
+    import torch
+
     saved = manifest.torch_version.split("+")[0]
     running = torch.__version__.split("+")[0]
     if saved != running:
