@@ -152,6 +152,20 @@ def test_a_big_body_is_sent_whole() -> None:
     assert transport.writes[0].endswith(b"\r\n\r\n" + b"x" * 1024 * 1024)
 
 
+def test_a_body_written_without_awaiting_is_not_gathered_whole() -> None:
+    async def scenario() -> RecordingTransport:
+        real = RecordingTransport()
+        transport = CoalescingTransport(real, asyncio.get_running_loop())
+        for _ in range(64):  # 4 MiB in one loop turn
+            transport.write(b"y" * 65536)
+        assert real.writes and transport.get_write_buffer_size() < 512 * 1024
+        await asyncio.sleep(0)
+        return real
+
+    real = asyncio.run(scenario())
+    assert b"".join(real.writes) == b"y" * (64 * 65536)
+
+
 @pytest.mark.parametrize("end", ["close", "abort", "peer gone"])
 def test_held_bytes_and_the_end_of_a_connection(end: str) -> None:
     async def scenario() -> RecordingTransport:
