@@ -238,6 +238,35 @@ def test_flask_refuses_past_the_queue_limit_instead_of_queueing_in_gunicorn(
 
 
 @pytest.mark.slow
+def test_flask_answers_probes_while_every_thread_waits_on_the_model(
+    store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the count limit nothing is refused, and requests wait for a thread; a
+    liveness probe must not wait with them (a restart loop under load otherwise)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("TORCHSHIP_MAX_QUEUE_SIZE", "64")
+    with slow_server(store_root, tmp_path, monkeypatch, "flask", max_batch_size=8) as (
+        base,
+        _proc,
+        flags,
+    ):
+        (flags / "slow").touch()
+        with ThreadPoolExecutor(12) as pool:  # 8 threads busy, 4 requests waiting
+            futures = [
+                pool.submit(requests.post, f"{base}/predict", json=ONE, timeout=60)
+                for _ in range(12)
+            ]
+            time.sleep(1.0)
+            for path in ("/health/live", "/metrics", "/ping"):
+                began = time.monotonic()
+                assert requests.get(f"{base}{path}", timeout=10).status_code == 200, path
+                assert time.monotonic() - began < 1.0, path
+            (flags / "slow").unlink()
+            assert {f.result().status_code for f in futures} == {200}
+
+
+@pytest.mark.slow
 def test_flask_refuses_a_request_that_waited_its_whole_time_limit_for_a_thread(
     store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -209,6 +209,36 @@ def test_what_would_never_be_ready_is_refused_before_serving(small_store: Path) 
             assert message in done.stderr and "Traceback" not in done.stderr, args
 
 
+@pytest.mark.parametrize(
+    ("sent", "probe"),
+    [
+        (b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n", True),
+        (b"HEAD /v2/health/ready HTTP/1.1\r\n\r\n", True),
+        (b"GET /metrics?name=x HTTP/1.1\r\n\r\n", True),
+        (b"GET /ping HTTP/1.1\r\n", True),
+        (b"POST /health/live HTTP/1.1\r\n\r\n", False),
+        (b"GET /predict HTTP/1.1\r\n\r\n", False),
+        (b"GET /pingpong HTTP/1.1\r\n\r\n", False),
+        (b"GET http://x/health/live HTTP/1.1\r\n\r\n", False),
+        (b"\x16\x03\x01\x02\x00", False),  # a TLS hello
+        (b"", False),  # nothing arrived yet
+    ],
+)
+def test_a_flask_worker_tells_probes_from_the_first_bytes(sent: bytes, probe: bool) -> None:
+    import socket
+
+    from torchship.serving.gunicorn_worker import asks_for_open_path
+    from torchship.serving.settings import DEFAULT_OPEN_PATHS
+
+    server, client = socket.socketpair()
+    with server, client:
+        if sent:
+            client.sendall(sent)
+        assert asks_for_open_path(server, DEFAULT_OPEN_PATHS) is probe
+        if sent:
+            assert server.recv(len(sent)) == sent  # peeked, not consumed
+
+
 def test_the_supervisor_of_worker_processes_imports_no_torch(small_store: Path) -> None:
     """`torchship serve --workers N` checks the settings and the store, then spawns the
     workers; importing torch there too (~1.3 s, ~250 MB) came before every worker's own."""

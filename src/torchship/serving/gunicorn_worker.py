@@ -8,7 +8,9 @@ error handling, a request that finds ``max_queue_size`` requests already waiting
 thread (answered at once by two spare threads) and one that waited longer than
 ``timeout_s`` for its thread (the request's whole time limit, spent before it started).
 Refused requests close their connection, so a refused client cannot hold a spare thread
-with its next request.
+with its next request. A probe (``GET`` of an open path such as ``/health/live``, read
+from the connection's first bytes without consuming them) goes to a spare thread at
+once, so a saturated worker still answers its liveness probe in time.
 
 gunicorn also writes a response's status line and headers with one ``sendall`` and its
 body with another; the worker joins them (:class:`OneWriteSocket`), as
@@ -17,13 +19,16 @@ body with another; the worker joins them (:class:`OneWriteSocket`), as
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from gunicorn.workers.gthread import ThreadWorker
+
+from torchship.serving.policies.gate import is_open_path
 
 _local = threading.local()
 SPARE_THREADS = 2
@@ -45,12 +50,26 @@ class _Pools:
         self.spare = ThreadPoolExecutor(SPARE_THREADS, thread_name_prefix="refuse")
 
     def submit(self, fn: Callable[..., Any], conn: Any, *args: Any) -> Future[Any]:
-        pool = self.spare if getattr(conn, "torchship_refuse", False) else self.main
+        pool = self.spare if getattr(conn, "torchship_spare", False) else self.main
         return pool.submit(fn, conn, *args)
 
     def shutdown(self, wait: bool = True, **kwargs: Any) -> None:
         self.main.shutdown(wait, **kwargs)
         self.spare.shutdown(wait, **kwargs)
+
+
+def asks_for_open_path(sock: Any, open_paths: Sequence[str]) -> bool:
+    """True when the request waiting on ``sock`` is a GET or HEAD of an open path, as far
+    as its first bytes tell (peeked, not read; anything unclear is not a probe)."""
+    try:
+        first = sock.recv(512, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # nothing there yet, or not a plain socket
+        return False
+    method, _, rest = first.partition(b"\r\n")[0].partition(b" ")
+    target = rest.partition(b" ")[0].partition(b"?")[0]
+    if method not in (b"GET", b"HEAD") or not target.startswith(b"/"):
+        return False
+    return is_open_path(target.decode("latin-1"), open_paths)
 
 
 class OneWriteSocket:
@@ -96,6 +115,7 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
         self._waiting_lock = threading.Lock()
         self._limit: int | None = None
         self._timeout_s: float | None = None
+        self._open_paths: Sequence[str] = ()
 
     def init_process(self) -> None:
         from torchship.serving.settings import ServeSettings
@@ -103,17 +123,20 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
 
         settings = load_settings(cls=ServeSettings)
         self._limit, self._timeout_s = settings.max_queue_size, settings.timeout_s
+        self._open_paths = tuple(settings.open_paths)
         super().init_process()  # runs the worker until it exits
 
     def get_thread_pool(self) -> _Pools:
         return _Pools(self.cfg.threads)
 
     def enqueue_req(self, conn: Any) -> None:
+        probe = asks_for_open_path(conn.sock, self._open_paths)
         with self._waiting_lock:
-            refuse = self._limit is not None and self._waiting >= self._limit
-            if not refuse:
+            refuse = not probe and self._limit is not None and self._waiting >= self._limit
+            if not (probe or refuse):
                 self._waiting += 1
         conn.torchship_refuse = refuse
+        conn.torchship_spare = probe or refuse  # neither waits behind the model's requests
         conn.torchship_queued_at = time.monotonic()
         super().enqueue_req(conn)
 
@@ -121,7 +144,7 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
         # Timed here, when a thread takes it: the wait for the client's bytes that
         # follows is the client's slowness, not this worker's queue.
         conn.torchship_waited = time.monotonic() - conn.torchship_queued_at
-        if not conn.torchship_refuse:
+        if not conn.torchship_spare:
             with self._waiting_lock:  # it has a thread now: no longer waiting
                 self._waiting -= 1
         return super().handle(conn)

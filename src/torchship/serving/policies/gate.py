@@ -119,9 +119,7 @@ class Gate:
         return "admin" if is_management(path) else "inference"
 
     def is_open(self, path: str) -> bool:
-        if is_management(path):
-            return False
-        return any(path.startswith(p) if p.endswith("/") else path == p for p in self.open_paths)
+        return is_open_path(path, self.open_paths)
 
     def preflight(self, info: RequestInfo) -> dict[str, str] | None:
         """Headers of a 204 answering a CORS preflight; None if this is not one."""
@@ -215,3 +213,11 @@ def _network(text: str) -> IPNetwork:
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError as exc:
         raise ConfigError(f"trusted_proxies: {text!r} is not an IP address or CIDR.") from exc
+
+
+def is_open_path(path: str, open_paths: Iterable[str]) -> bool:
+    """Probes and metrics: answered without credentials, and even to a worker that is
+    shedding load. A path ending in ``/`` opens everything under it."""
+    if is_management(path):
+        return False
+    return any(path.startswith(p) if p.endswith("/") else path == p for p in open_paths)
