@@ -19,6 +19,8 @@ body with another; the worker joins them (:class:`OneWriteSocket`), as
 
 from __future__ import annotations
 
+import functools
+import selectors
 import socket
 import threading
 import time
@@ -33,6 +35,9 @@ from torchship.serving.policies.gate import is_open_path
 _local = threading.local()
 SPARE_THREADS = 2
 _JOIN_LIMIT = 256 * 1024
+_FIRST_BYTES_S = 5.0
+"""How long gunicorn's thread waits for a new connection's first bytes (gthread's
+DEFAULT_WORKER_DATA_TIMEOUT), before it parks the connection on the poller."""
 """Bodies up to this size are joined to the headers; a bigger one follows them (no copy)."""
 
 
@@ -58,18 +63,29 @@ class _Pools:
         self.spare.shutdown(wait, **kwargs)
 
 
-def asks_for_open_path(sock: Any, open_paths: Sequence[str]) -> bool:
-    """True when the request waiting on ``sock`` is a GET or HEAD of an open path, as far
-    as its first bytes tell (peeked, not read; anything unclear is not a probe)."""
+def peek(sock: Any) -> bytes | None:
+    """The bytes waiting on ``sock``, left in place; None when none have arrived yet."""
     try:
-        first = sock.recv(512, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except OSError:  # nothing there yet, or not a plain socket
-        return False
+        return bytes(sock.recv(512, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return None
+    except OSError:  # not a plain socket, or already broken: let gunicorn find out
+        return b""
+
+
+def is_probe(first: bytes, open_paths: Sequence[str]) -> bool:
+    """True when a request's first bytes are a GET or HEAD of an open path (anything
+    unclear, such as a TLS handshake or a partial request line, is not a probe)."""
     method, _, rest = first.partition(b"\r\n")[0].partition(b" ")
     target = rest.partition(b" ")[0].partition(b"?")[0]
     if method not in (b"GET", b"HEAD") or not target.startswith(b"/"):
         return False
     return is_open_path(target.decode("latin-1"), open_paths)
+
+
+def asks_for_open_path(sock: Any, open_paths: Sequence[str]) -> bool:
+    first = peek(sock)
+    return first is not None and is_probe(first, open_paths)
 
 
 class OneWriteSocket:
@@ -130,7 +146,10 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
         return _Pools(self.cfg.threads)
 
     def enqueue_req(self, conn: Any) -> None:
-        probe = asks_for_open_path(conn.sock, self._open_paths)
+        first = peek(conn.sock)
+        if first is None and self._wait_for_first_bytes(conn):
+            return  # back here from the poller once the request has started to arrive
+        probe = first is not None and is_probe(first, self._open_paths)
         with self._waiting_lock:
             refuse = not probe and self._limit is not None and self._waiting >= self._limit
             if not (probe or refuse):
@@ -139,6 +158,23 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
         conn.torchship_spare = probe or refuse  # neither waits behind the model's requests
         conn.torchship_queued_at = time.monotonic()
         super().enqueue_req(conn)
+
+    def _wait_for_first_bytes(self, conn: Any) -> bool:
+        """gunicorn (25+) hands a new connection to a thread before its request arrives,
+        and parks it on its poller when nothing comes. Park it there first instead, so a
+        probe can be told from a model request; False where gunicorn has no such queue."""
+        pending = getattr(self, "pending_conns", None)
+        readable = getattr(self, "on_pending_socket_readable", None)
+        if pending is None or readable is None or getattr(conn, "data_ready", True):
+            return False
+        if getattr(conn, "initialized", True):  # a kept-alive connection: readable already
+            return False
+        conn.sock.setblocking(False)
+        # as long as gunicorn's own wait in a thread, then its wait on the poller
+        conn.timeout = time.monotonic() + _FIRST_BYTES_S + self.cfg.keepalive
+        pending.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, functools.partial(readable, conn))
+        return True
 
     def handle(self, conn: Any) -> Any:
         # Timed here, when a thread takes it: the wait for the client's bytes that
