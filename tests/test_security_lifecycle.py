@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
@@ -200,41 +201,63 @@ def test_a_full_queue_is_503_and_a_slow_answer_504_over_a_real_socket(
             time.sleep(0.2)
 
 
-@pytest.mark.slow
-def test_flask_refuses_past_the_queue_limit_instead_of_queueing_in_gunicorn(
-    store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With its 8 HTTP threads all waiting on a stuck model, a Flask worker answers 503 to
-    requests past ``max_queue_size`` waiting for a thread, and still answers probes."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    monkeypatch.setenv("TORCHSHIP_MAX_QUEUE_SIZE", "8")
+@contextlib.contextmanager
+def stuck_flask(
+    store_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    max_queue_size: int,
+    posts: int,
+) -> Iterator[tuple[str, list[Future[requests.Response]]]]:
+    """A Flask server (8 HTTP threads) whose model is stuck while ``posts`` predictions
+    are sent; yields (base, their futures) a second later, then unsticks the model."""
+    monkeypatch.setenv("TORCHSHIP_MAX_QUEUE_SIZE", str(max_queue_size))
     with slow_server(store_root, tmp_path, monkeypatch, "flask", max_batch_size=8) as (
         base,
         _proc,
         flags,
     ):
         (flags / "slow").touch()
+        with ThreadPoolExecutor(posts) as pool:
+            futures = [
+                pool.submit(requests.post, f"{base}/predict", json=ONE, timeout=60)
+                for _ in range(posts)
+            ]
+            time.sleep(1.0)  # every thread busy
+            try:
+                yield base, futures
+            finally:
+                (flags / "slow").unlink()
+                wait(futures)
 
-        def post(_: int) -> requests.Response:
-            return requests.post(f"{base}/predict", json=ONE, timeout=60)
 
-        with ThreadPoolExecutor(32) as pool:
-            futures = [pool.submit(post, i) for i in range(32)]
-            time.sleep(1.0)  # every thread busy, the wait queue full: a probe still answers
-            began = time.monotonic()
-            assert requests.get(f"{base}/health/live", timeout=10).status_code == 200
-            assert time.monotonic() - began < 1.0
-            (flags / "slow").unlink()
-            answers = [f.result() for f in futures]
-        refused = [r for r in answers if r.status_code == 503]
-        assert {r.status_code for r in answers} <= {200, 503}
-        assert any("waiting in this worker" in r.json()["error"] for r in refused), [
-            r.json() for r in refused
-        ]
-        assert all(r.json()["code"] == "queue_full" for r in refused)
-        assert all(r.headers["Retry-After"].isdigit() for r in refused)
-        assert sum(r.status_code == 200 for r in answers) >= 9  # the stuck batch and more
+def assert_answers_at_once(url: str) -> None:
+    began = time.monotonic()
+    assert requests.get(url, timeout=10).status_code == 200, url
+    assert time.monotonic() - began < 1.0, url
+
+
+@pytest.mark.slow
+def test_flask_refuses_past_the_queue_limit_instead_of_queueing_in_gunicorn(
+    store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With its 8 HTTP threads all waiting on a stuck model, a Flask worker answers 503 to
+    requests past ``max_queue_size`` waiting for a thread, and still answers probes."""
+    with stuck_flask(store_root, tmp_path, monkeypatch, max_queue_size=8, posts=32) as (
+        base,
+        futures,
+    ):
+        assert_answers_at_once(f"{base}/health/live")  # the wait queue is full too
+    answers = [f.result() for f in futures]
+    refused = [r for r in answers if r.status_code == 503]
+    assert {r.status_code for r in answers} <= {200, 503}
+    assert any("waiting in this worker" in r.json()["error"] for r in refused), [
+        r.json() for r in refused
+    ]
+    assert all(r.json()["code"] == "queue_full" for r in refused)
+    assert all(r.headers["Retry-After"].isdigit() for r in refused)
+    assert sum(r.status_code == 200 for r in answers) >= 9  # the stuck batch and more
 
 
 @pytest.mark.slow
@@ -243,27 +266,14 @@ def test_flask_answers_probes_while_every_thread_waits_on_the_model(
 ) -> None:
     """Under the count limit nothing is refused, and requests wait for a thread; a
     liveness probe must not wait with them (a restart loop under load otherwise)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    monkeypatch.setenv("TORCHSHIP_MAX_QUEUE_SIZE", "64")
-    with slow_server(store_root, tmp_path, monkeypatch, "flask", max_batch_size=8) as (
+    # 8 threads busy, 4 requests waiting, far under the limit
+    with stuck_flask(store_root, tmp_path, monkeypatch, max_queue_size=64, posts=12) as (
         base,
-        _proc,
-        flags,
+        futures,
     ):
-        (flags / "slow").touch()
-        with ThreadPoolExecutor(12) as pool:  # 8 threads busy, 4 requests waiting
-            futures = [
-                pool.submit(requests.post, f"{base}/predict", json=ONE, timeout=60)
-                for _ in range(12)
-            ]
-            time.sleep(1.0)
-            for path in ("/health/live", "/metrics", "/ping"):
-                began = time.monotonic()
-                assert requests.get(f"{base}{path}", timeout=10).status_code == 200, path
-                assert time.monotonic() - began < 1.0, path
-            (flags / "slow").unlink()
-            assert {f.result().status_code for f in futures} == {200}
+        for path in ("/health/live", "/metrics", "/ping"):
+            assert_answers_at_once(f"{base}{path}")
+    assert {f.result().status_code for f in futures} == {200}
 
 
 @pytest.mark.slow
@@ -272,8 +282,6 @@ def test_flask_refuses_a_request_that_waited_its_whole_time_limit_for_a_thread(
 ) -> None:
     """Under the count limit, a request that waited ``timeout_s`` for a thread is refused
     when it gets one (503) instead of starting its model time only then."""
-    from concurrent.futures import ThreadPoolExecutor
-
     monkeypatch.setenv("TORCHSHIP_TIMEOUT_S", "1")
     with slow_server(store_root, tmp_path, monkeypatch, "flask") as (base, _proc, flags):
         (flags / "slow").touch()

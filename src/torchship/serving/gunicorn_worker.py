@@ -35,9 +35,6 @@ from torchship.serving.policies.gate import is_open_path
 _local = threading.local()
 SPARE_THREADS = 2
 _JOIN_LIMIT = 256 * 1024
-_FIRST_BYTES_S = 5.0
-"""How long gunicorn's thread waits for a new connection's first bytes (gthread's
-DEFAULT_WORKER_DATA_TIMEOUT), before it parks the connection on the poller."""
 """Bodies up to this size are joined to the headers; a bigger one follows them (no copy)."""
 
 
@@ -161,8 +158,10 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
 
     def _wait_for_first_bytes(self, conn: Any) -> bool:
         """gunicorn (25+) hands a new connection to a thread before its request arrives,
-        and parks it on its poller when nothing comes. Park it there first instead, so a
-        probe can be told from a model request; False where gunicorn has no such queue."""
+        and parks it on its poller when nothing comes within 5 s. Park it there first
+        instead, so a probe can be told from a model request (and an idle connection
+        holds no thread); like gunicorn's, it is closed after ``keepalive`` seconds
+        without a byte. False where gunicorn has no such queue."""
         pending = getattr(self, "pending_conns", None)
         readable = getattr(self, "on_pending_socket_readable", None)
         if pending is None or readable is None or getattr(conn, "data_ready", True):
@@ -170,8 +169,7 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
         if getattr(conn, "initialized", True):  # a kept-alive connection: readable already
             return False
         conn.sock.setblocking(False)
-        # as long as gunicorn's own wait in a thread, then its wait on the poller
-        conn.timeout = time.monotonic() + _FIRST_BYTES_S + self.cfg.keepalive
+        conn.timeout = time.monotonic() + self.cfg.keepalive  # as gunicorn's: kept in order
         pending.append(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, functools.partial(readable, conn))
         return True
