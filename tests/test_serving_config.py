@@ -227,14 +227,15 @@ def test_what_would_never_be_ready_is_refused_before_serving(small_store: Path) 
 def test_a_flask_worker_tells_probes_from_the_first_bytes(sent: bytes, probe: bool) -> None:
     import socket
 
-    from torchship.serving.gunicorn_worker import asks_for_open_path
+    from torchship.serving.gunicorn_worker import is_probe, peek
     from torchship.serving.settings import DEFAULT_OPEN_PATHS
 
     server, client = socket.socketpair()
     with server, client:
         if sent:
             client.sendall(sent)
-        assert asks_for_open_path(server, DEFAULT_OPEN_PATHS) is probe
+        first = peek(server)
+        assert (first is not None and is_probe(first, DEFAULT_OPEN_PATHS)) is probe
         if sent:
             assert server.recv(len(sent)) == sent  # peeked, not consumed
 

@@ -1,8 +1,14 @@
-"""torchship: take a trained PyTorch model to a monitored production service."""
+"""torchship: take a trained PyTorch model to a monitored production service.
+
+Its public names are imported on first use: a process that only supervises server
+workers never needs torch, which is most of a start-up.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from torchship._lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -19,28 +25,13 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {
-    "TorchshipError": "torchship.errors",
-    "CheckpointManager": "torchship.store",
-    "InputSpec": "torchship.store",
-    "Manifest": "torchship.store",
-    "ModelStore": "torchship.store",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """The public names, imported on first use: a process that only supervises server
-    workers never needs torch, which is most of a start-up."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'torchship' has no attribute {name!r}")
-    import importlib
-
-    from torchship._startup import gc_paused
-
-    # Importing torch is most of a start-up; the collector would walk the heap it builds
-    # again and again for nothing (see torchship._startup).
-    with gc_paused():
-        value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(
+    globals(),
+    {
+        "TorchshipError": "torchship.errors",
+        "CheckpointManager": "torchship.store",
+        "InputSpec": "torchship.store",
+        "Manifest": "torchship.store",
+        "ModelStore": "torchship.store",
+    },
+)

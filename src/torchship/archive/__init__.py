@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from torchship._lazy import lazy_names
 from torchship.archive.errors import ArchiveError, ArchiveTooLargeError, UnsafeArchiveError
 from torchship.archive.manifest import MANIFEST_PATH, MarManifest, MarModel
 from torchship.archive.reader import (
@@ -40,11 +41,8 @@ __all__ = [
     "safe_entry_name",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # building imports torch; reading archives (what a server's settings check) does not
-    if name in ("BuiltArchive", "ModelConfig", "build_archive"):
-        from torchship.archive import build
-
-        return getattr(build, name)
-    raise AttributeError(f"module 'torchship.archive' has no attribute {name!r}")
+# building imports torch; reading archives (what a server's settings check) does not
+__getattr__ = lazy_names(
+    globals(),
+    {name: "torchship.archive.build" for name in ("BuiltArchive", "ModelConfig", "build_archive")},
+)

@@ -7,26 +7,15 @@ use, so ``torchship serve``'s supervisor (``torchship.serving.runner``) needs no
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from torchship._lazy import lazy_names
 
 if TYPE_CHECKING:
     from torchship.serving.handlers import ClassifierHandler, Handler, TensorHandler
     from torchship.serving.payloads import ImagePayload, TensorPayload
     from torchship.serving.service import InferenceService, LoadedModel, Prediction
     from torchship.serving.settings import ServeSettings
-
-_LAZY = {
-    "ClassifierHandler": "torchship.serving.handlers",
-    "Handler": "torchship.serving.handlers",
-    "TensorHandler": "torchship.serving.handlers",
-    "ImagePayload": "torchship.serving.payloads",
-    "TensorPayload": "torchship.serving.payloads",
-    "InferenceService": "torchship.serving.service",
-    "LoadedModel": "torchship.serving.service",
-    "Prediction": "torchship.serving.service",
-    "ServeSettings": "torchship.serving.settings",
-}
 
 __all__ = [
     "ClassifierHandler",
@@ -40,11 +29,17 @@ __all__ = [
     "TensorPayload",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'torchship.serving' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(
+    globals(),
+    {
+        "ClassifierHandler": "torchship.serving.handlers",
+        "Handler": "torchship.serving.handlers",
+        "TensorHandler": "torchship.serving.handlers",
+        "ImagePayload": "torchship.serving.payloads",
+        "TensorPayload": "torchship.serving.payloads",
+        "InferenceService": "torchship.serving.service",
+        "LoadedModel": "torchship.serving.service",
+        "Prediction": "torchship.serving.service",
+        "ServeSettings": "torchship.serving.settings",
+    },
+)

@@ -80,11 +80,6 @@ def is_probe(first: bytes, open_paths: Sequence[str]) -> bool:
     return is_open_path(target.decode("latin-1"), open_paths)
 
 
-def asks_for_open_path(sock: Any, open_paths: Sequence[str]) -> bool:
-    first = peek(sock)
-    return first is not None and is_probe(first, open_paths)
-
-
 class OneWriteSocket:
     """A connection's socket for one request: its first ``sendall`` (gunicorn's status
     line and headers) is held and sent with the next one (the body), so a small answer

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from torchship._lazy import lazy_names
 from torchship.store._names import parse_ref, validate_name
 from torchship.store.manifest import Architecture, Artifact, InputSpec, Manifest, Verification
 from torchship.store.store import ModelStore, TorchVersionWarning
@@ -24,11 +25,5 @@ __all__ = [
     "validate_name",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # checkpoints import torch; reading the store does not
-    if name == "CheckpointManager":
-        from torchship.store.checkpoint import CheckpointManager
-
-        return CheckpointManager
-    raise AttributeError(f"module 'torchship.store' has no attribute {name!r}")
+# checkpoints import torch; reading the store does not
+__getattr__ = lazy_names(globals(), {"CheckpointManager": "torchship.store.checkpoint"})
